@@ -186,9 +186,7 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
-            raise ValueError(
-                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}."
-            )
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}.")
         if self.pipeline_parallel_size != 1:
             raise ValueError(
                 f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported; use 1."

@@ -1,0 +1,122 @@
+"""Paged attention on top of ``torch.nn.functional.scaled_dot_product_attention``.
+
+The KV cache of a layer is a ``[2, num_slots, num_kv_heads, head_size]`` view of the
+worker's one flat allocation; token ``p`` of a sequence lives in slot
+``block_ids[p // block_size] * block_size + p % block_size``.
+
+Per step the model runner builds one ``AttentionMetadata`` shared by every layer:
+- decodes (one new token after a cached context) run as one batched SDPA call over
+  the gathered context, masked to each sequence's length;
+- prefill chunks run one SDPA call per sequence, causal, over cached context plus chunk.
+This is the only module that knows the cache layout: a kernel can replace it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    start: int  # index of the chunk's first token in the flattened batch
+    num_tokens: int  # tokens in this chunk
+    num_cached: int  # tokens already in the cache before this chunk
+    kv_slots: torch.Tensor | None  # slots of the whole context when num_cached > 0
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V goes
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    # Decodes, batched: flattened token index, context slots and validity mask.
+    decode_token_idx: torch.Tensor | None = None  # [B]
+    decode_kv_slots: torch.Tensor | None = None  # [B, max_len]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] bool
+
+
+def _slots(block_ids: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
+    return block_ids[positions // block_size] * block_size + positions % block_size
+
+
+def build_attention_metadata(
+    seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device
+) -> AttentionMetadata:
+    """``seqs``: per scheduled sequence in batch order, (block_ids, num_cached, num_new)."""
+    slot_parts, prefills, dec_idx, dec_lens, dec_blocks = [], [], [], [], []
+    offset = 0
+    for block_ids, num_cached, num_new in seqs:
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        total = num_cached + num_new
+        slot_parts.append(_slots(blocks, np.arange(num_cached, total), block_size))
+        if num_new == 1 and num_cached > 0:
+            dec_idx.append(offset)
+            dec_lens.append(total)
+            dec_blocks.append(blocks)
+        else:
+            kv_slots = None
+            if num_cached > 0:
+                kv_slots = torch.from_numpy(_slots(blocks, np.arange(total), block_size))
+                kv_slots = kv_slots.to(device)
+            prefills.append(PrefillSeq(offset, num_new, num_cached, kv_slots))
+        offset += num_new
+    slot_mapping = torch.from_numpy(np.concatenate(slot_parts)).to(device)
+    meta = AttentionMetadata(slot_mapping=slot_mapping, prefills=prefills)
+    if dec_idx:
+        max_len = max(dec_lens)
+        pos = np.arange(max_len)
+        kv = np.zeros((len(dec_idx), max_len), dtype=np.int64)
+        for i, (blocks, n) in enumerate(zip(dec_blocks, dec_lens)):
+            kv[i, :n] = _slots(blocks, pos[:n], block_size)
+        lens = torch.tensor(dec_lens)
+        meta.decode_token_idx = torch.tensor(dec_idx, device=device)
+        meta.decode_kv_slots = torch.from_numpy(kv).to(device)
+        meta.decode_mask = (torch.arange(max_len)[None, :] < lens[:, None]).to(device)
+        meta.decode_mask = meta.decode_mask[:, None, None, :]
+    return meta
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, Hq, D]."""
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+    for p in meta.prefills:
+        qs = q[p.start : p.start + p.num_tokens].transpose(0, 1)  # [Hq, n, D]
+        if p.kv_slots is None:  # nothing cached: attend within the chunk
+            ks = k[p.start : p.start + p.num_tokens].transpose(0, 1)
+            vs = v[p.start : p.start + p.num_tokens].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+        else:
+            ks = k_cache[p.kv_slots].transpose(0, 1)  # [Hkv, total, D]
+            vs = v_cache[p.kv_slots].transpose(0, 1)
+            total = p.num_cached + p.num_tokens
+            mask = torch.ones(p.num_tokens, total, dtype=torch.bool, device=q.device)
+            mask = mask.tril(diagonal=p.num_cached)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        out[p.start : p.start + p.num_tokens] = o.transpose(0, 1)
+    if meta.decode_token_idx is not None:
+        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, Hq, 1, D]
+        kd = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+        vd = v_cache[meta.decode_kv_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
+        )
+        out[meta.decode_token_idx] = o.squeeze(2)
+    return out

@@ -1,0 +1,64 @@
+"""Tensor-parallel state of this process, set once per worker.
+
+At world size 1 nothing is initialised and the collectives are identities, so the
+parallel layers run unchanged in a single process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    rank: int = 0
+    world_size: int = 1
+
+
+_INFO = DistributedInfo()
+
+
+def init_distributed_environment(
+    world_size: int, rank: int, init_method: str | None = None, backend: str = "gloo"
+) -> None:
+    """Join the process group of the TP workers (a no-op at world size 1)."""
+    global _INFO
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, init_method=init_method, world_size=world_size, rank=rank
+        )
+    _INFO = DistributedInfo(rank=rank, world_size=world_size)
+
+
+def destroy_distributed_environment() -> None:
+    global _INFO
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _INFO = DistributedInfo()
+
+
+def get_tensor_model_parallel_rank() -> int:
+    return _INFO.rank
+
+
+def get_tensor_model_parallel_world_size() -> int:
+    return _INFO.world_size
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _INFO.world_size == 1:
+        return x
+    dist.all_reduce(x)
+    return x
+
+
+def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` (all ranks get the result)."""
+    if _INFO.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_INFO.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)

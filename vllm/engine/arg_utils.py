@@ -1,0 +1,404 @@
+"""EngineArgs: upstream vLLM's engine arguments, their CLI flags, and the configs they build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vllm.config import (
+    LOAD_FORMATS,
+    CacheConfig,
+    DeviceConfig,
+    LoadConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
+from vllm.logger import init_logger
+from vllm.utils import FlexibleArgumentParser
+
+__all__ = ["EngineArgs", "FlexibleArgumentParser"]
+
+logger = init_logger(__name__)
+
+# Accepted so that vLLM scripts and command lines keep working, but they change nothing here.
+# Setting one to a non-default value logs a warning (enable_lora=True is an error instead).
+_UNSUPPORTED_ARGS: frozenset[str] = frozenset(
+    {
+        "skip_tokenizer_init",
+        "code_revision",
+        "tokenizer_revision",
+        "enable_prefix_caching",
+        "swap_space",
+        "cpu_offload_gb",
+        "max_seq_len_to_capture",
+        "disable_custom_all_reduce",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+        "speculative_config",
+        "compilation_config",
+        "hf_overrides",
+        "disable_async_output_proc",
+        "worker_cls",
+        "additional_config",
+    }
+)
+
+
+@dataclass
+class EngineArgs:
+    """Arguments for the engine, with upstream vLLM's names and defaults."""
+
+    model: str = ""
+    served_model_name: str | list[str] | None = None
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    distributed_executor_backend: str | None = None
+    pipeline_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    block_size: int = 16
+    enable_prefix_caching: bool = False
+    swap_space: float = 4
+    cpu_offload_gb: float = 0
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = 256
+    max_logprobs: int = 20
+    disable_log_stats: bool = False
+    revision: str | None = None
+    code_revision: str | None = None
+    tokenizer_revision: str | None = None
+    quantization: str | None = None
+    enforce_eager: bool = False
+    max_seq_len_to_capture: int = 8192
+    disable_custom_all_reduce: bool = False
+    num_gpu_blocks_override: int | None = None
+    model_loader_extra_config: dict | str | None = None
+    ignore_patterns: str | list[str] | None = None
+    enable_chunked_prefill: bool = True
+    device: str = "auto"
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    speculative_config: dict[str, Any] | None = None
+    compilation_config: int | dict[str, Any] | None = None
+    hf_overrides: dict[str, Any] | None = None
+    disable_async_output_proc: bool = False
+    worker_cls: str = "auto"
+    additional_config: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        extra = self.model_loader_extra_config
+        if isinstance(extra, str):
+            try:
+                self.model_loader_extra_config = json.loads(extra) if extra.strip() else {}
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"model_loader_extra_config is not valid JSON: {extra!r} ({e}). "
+                    'Pass a JSON object, e.g. \'{"pattern": "model-rank-{rank}.safetensors"}\'.'
+                ) from e
+        if isinstance(self.ignore_patterns, str):
+            self.ignore_patterns = [self.ignore_patterns]
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add one ``--kebab-case`` flag per field to ``parser`` and return it."""
+        defaults = {f.name: f.default for f in fields(EngineArgs)}
+        for title, args in _CLI_ARGS.items():
+            group = parser.add_argument_group(title, _GROUP_DESCRIPTIONS.get(title))
+            for spec in args:
+                kwargs = dict(spec.kwargs)
+                default = defaults[spec.name]
+                help_text = spec.help.replace("%", "%%")
+                if isinstance(default, bool):
+                    # False -> a plain switch; True -> also offer --no-<flag> to turn it off.
+                    kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+                elif default not in (None, ""):
+                    help_text += " (default: %(default)s)"
+                flags = ["--" + spec.name.replace("_", "-"), *spec.aliases]
+                group.add_argument(
+                    *flags, dest=spec.name, default=default, help=help_text, **kwargs
+                )
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """Pick this dataclass's fields out of a parsed namespace."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def create_engine_config(self) -> VllmConfig:
+        """Validate the arguments and build the per-concern configs from vllm/config.py."""
+        if not self.model:
+            raise ValueError(
+                "No model given: set EngineArgs.model (or --model) to the path of a local "
+                "Hugging Face model directory."
+            )
+        if self.enable_lora:
+            raise ValueError(
+                "LoRA is not supported by this engine (enable_lora=True); merge the adapter into "
+                "the base weights and serve the merged model instead."
+            )
+        self._warn_unsupported()
+
+        model_config = ModelConfig(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            tokenizer_mode=self.tokenizer_mode,
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.dtype,
+            seed=self.seed,
+            revision=self.revision,
+            max_model_len=self.max_model_len,
+            quantization=self.quantization,
+            enforce_eager=self.enforce_eager,
+            max_logprobs=self.max_logprobs,
+        )
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            swap_space=self.swap_space,
+            kv_cache_dtype=self.kv_cache_dtype,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+        )
+        parallel_config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+        )
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=model_config.max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+        load_config = LoadConfig(
+            load_format=self.load_format,
+            download_dir=self.download_dir,
+            model_loader_extra_config=self.model_loader_extra_config,
+            ignore_patterns=self.ignore_patterns,
+        )
+        return VllmConfig(
+            model_config=model_config,
+            cache_config=cache_config,
+            parallel_config=parallel_config,
+            scheduler_config=scheduler_config,
+            load_config=load_config,
+            device_config=DeviceConfig(device=self.device),
+        )
+
+    def _warn_unsupported(self) -> None:
+        for f in fields(self):
+            if f.name in _UNSUPPORTED_ARGS and getattr(self, f.name) != f.default:
+                logger.warning(
+                    "%s=%r has no effect in this engine; it is accepted only for compatibility "
+                    "with vLLM and ignored.",
+                    f.name,
+                    getattr(self, f.name),
+                )
+
+
+def _json_arg(value: str) -> Any:
+    """argparse ``type`` for JSON values; the error names the offending text."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON {value!r}: {e}") from e
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """One CLI flag: the field it fills, its help, extra argparse kwargs, short aliases."""
+
+    name: str
+    help: str
+    kwargs: dict[str, Any]
+    aliases: tuple[str, ...] = ()
+
+
+def _arg(name: str, help: str, *aliases: str, **kwargs: Any) -> _Arg:
+    return _Arg(name, help, kwargs, aliases)
+
+
+_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+
+# Booleans need no kwargs here: add_cli_args picks the action from the field's default.
+_CLI_ARGS: dict[str, list[_Arg]] = {
+    "Model": [
+        _arg(
+            "model",
+            "Path of a local Hugging Face model directory (config.json and weights). "
+            "Models are never downloaded.",
+        ),
+        _arg(
+            "served_model_name",
+            "Name(s) the OpenAI-compatible server accepts in the request's 'model' field; the "
+            "first one is reported in responses. Defaults to --model.",
+            nargs="+",
+        ),
+        _arg("tokenizer", "Tokenizer directory, when it differs from --model."),
+        _arg(
+            "tokenizer_mode",
+            "'auto' uses the fast (Rust) tokenizer when one exists; 'slow' always uses the "
+            "Python tokenizer.",
+            choices=["auto", "slow"],
+        ),
+        _arg(
+            "trust_remote_code",
+            "Allow custom model/config code shipped in the model directory to run.",
+        ),
+        _arg("revision", "Model revision (branch, tag or commit) to read the config from."),
+        _arg(
+            "dtype",
+            "Weight and activation dtype. 'auto' follows the model config (float32 if it names "
+            "none); 'half'/'float16' is FP16, 'float'/'float32' is FP32.",
+            choices=_DTYPES,
+        ),
+        _arg(
+            "max_model_len",
+            "Longest sequence (prompt + output) in tokens. Defaults to the model's maximum "
+            "context length from its config; may only be lowered.",
+            type=int,
+        ),
+        _arg(
+            "quantization",
+            "Quantization method of the weights. Not supported: leave unset.",
+            "-q",
+        ),
+        _arg("seed", "Random seed for sampling.", type=int),
+        _arg("max_logprobs", "Largest 'logprobs' a request may ask for.", type=int),
+        _arg(
+            "enforce_eager",
+            "Always run the model eagerly: no CUDA graph capture (slower decode, less memory).",
+        ),
+    ],
+    "Loading": [
+        _arg(
+            "load_format",
+            "How to read the weights. 'auto': *.safetensors if present, else PyTorch *.bin/*.pt; "
+            "'safetensors': only *.safetensors; 'pt': only PyTorch *.bin/*.pt; 'dummy': random "
+            "weights with the right shapes, for profiling and tests; 'sharded_state': per-rank "
+            "shards written by save_sharded_state, each rank reads only its own files (fastest "
+            "start-up for tensor parallelism).",
+            choices=LOAD_FORMATS,
+        ),
+        _arg(
+            "model_loader_extra_config",
+            "JSON object of extra options for the loader picked by --load-format, e.g. "
+            '\'{"pattern": "model-rank-{rank}-part-{part}.safetensors"}\' for sharded_state.',
+            type=_json_arg,
+        ),
+        _arg(
+            "download_dir",
+            "Weights cache directory (upstream downloads there; here models are local paths).",
+        ),
+        _arg(
+            "ignore_patterns",
+            "Glob of weight files to skip when loading; repeat the flag for several, e.g. "
+            "'original/**/*' to skip Llama's duplicate consolidated checkpoint.",
+            action="append",
+        ),
+    ],
+    "KV cache": [
+        _arg("block_size", "Tokens per KV cache block (a power of two).", type=int),
+        _arg(
+            "gpu_memory_utilization",
+            "Fraction of GPU memory (0-1] the engine may use for weights, activations and the "
+            "KV cache; the rest is left to other processes.",
+            type=float,
+        ),
+        _arg(
+            "kv_cache_dtype",
+            "KV cache dtype. Only 'auto' (the model dtype) is supported.",
+            choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        ),
+        _arg(
+            "num_gpu_blocks_override",
+            "Use exactly this many KV cache blocks instead of sizing from memory (for tests and "
+            "preemption experiments).",
+            type=int,
+        ),
+    ],
+    "Parallelism": [
+        _arg(
+            "tensor_parallel_size",
+            "Number of GPUs (ranks) each layer is split across.",
+            "-tp",
+            type=int,
+        ),
+        _arg(
+            "pipeline_parallel_size",
+            "Number of pipeline stages. Only 1 is supported.",
+            "-pp",
+            type=int,
+        ),
+        _arg(
+            "distributed_executor_backend",
+            "How workers run: 'uni' in this process (one rank), 'mp' one process per rank, "
+            "'ray' as upstream. Defaults to 'uni' for one rank, 'mp' for more.",
+            choices=["mp", "uni", "ray"],
+        ),
+    ],
+    "Scheduling": [
+        _arg("max_num_seqs", "Most sequences in one batch (one engine step).", type=int),
+        _arg(
+            "max_num_batched_tokens",
+            "Most tokens processed in one engine step. Defaults to 8192 (or max_model_len, if "
+            "larger, with chunked prefill off).",
+            type=int,
+        ),
+        _arg(
+            "enable_chunked_prefill",
+            "Split long prompts into chunks that share steps with decoding sequences.",
+        ),
+        _arg("disable_log_stats", "Do not log throughput and cache-usage statistics."),
+    ],
+    "Device": [
+        _arg(
+            "device",
+            "Device to run on; 'auto' picks CUDA when available, else CPU.",
+            choices=["auto", "cpu", "cuda"],
+        ),
+    ],
+    "Accepted for compatibility (no effect)": [
+        _arg("enable_lora", "LoRA adapters. Not supported: setting it is an error."),
+        _arg("max_loras", "Most LoRA adapters in one batch.", type=int),
+        _arg("max_lora_rank", "Largest LoRA rank.", type=int),
+        _arg("skip_tokenizer_init", "Skip loading the tokenizer."),
+        _arg("code_revision", "Revision of remote model code on the Hub."),
+        _arg("tokenizer_revision", "Revision of the tokenizer on the Hub."),
+        _arg("enable_prefix_caching", "Reuse KV cache blocks of shared prompt prefixes."),
+        _arg("swap_space", "CPU swap space per GPU, in GiB.", type=float),
+        _arg("cpu_offload_gb", "GiB of weights to offload to CPU memory.", type=float),
+        _arg("max_seq_len_to_capture", "Longest sequence covered by CUDA graphs.", type=int),
+        _arg("disable_custom_all_reduce", "Use NCCL instead of the custom all-reduce kernel."),
+        _arg("speculative_config", "Speculative decoding settings (JSON).", type=_json_arg),
+        _arg(
+            "compilation_config",
+            "torch.compile level or settings (JSON).",
+            "-O",
+            type=_json_arg,
+        ),
+        _arg("hf_overrides", "Overrides for the Hugging Face config (JSON).", type=_json_arg),
+        _arg("disable_async_output_proc", "Disable async output processing."),
+        _arg("worker_cls", "Worker class to use."),
+        _arg("additional_config", "Platform-specific settings (JSON).", type=_json_arg),
+    ],
+}
+
+_GROUP_DESCRIPTIONS = {
+    "Accepted for compatibility (no effect)": (
+        "vLLM flags that scripts may pass; they are parsed and ignored with a warning."
+    ),
+}

@@ -1,0 +1,245 @@
+"""LLMEngine: tokenizer + scheduler + executor, advanced one step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.core.scheduler import Scheduler
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.detokenizer import Detokenizer
+from vllm.executor.executor_base import ExecutorBase
+from vllm.logger import init_logger
+from vllm.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm.sampling_params import SamplingParams
+from vllm.sequence import SampledToken, Sequence, SequenceStatus
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+
+def get_executor_class(vllm_config: VllmConfig) -> type[ExecutorBase]:
+    backend = vllm_config.parallel_config.distributed_executor_backend
+    if backend == "uni":
+        if vllm_config.parallel_config.world_size != 1:
+            raise ValueError(
+                "distributed_executor_backend='uni' runs one process; use 'mp' for "
+                f"tensor_parallel_size={vllm_config.parallel_config.tensor_parallel_size}."
+            )
+        from vllm.executor.uniproc_executor import UniProcExecutor
+
+        return UniProcExecutor
+    if backend == "mp":
+        from vllm.executor.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor
+    from vllm.executor.ray_executor import RayExecutor
+
+    return RayExecutor
+
+
+def _load_generation_config(model_dir: str) -> dict[str, Any]:
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+class LLMEngine:
+    def __init__(
+        self, vllm_config: VllmConfig, executor_class: type[ExecutorBase], log_stats: bool = True
+    ):
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.log_stats = log_stats
+        self.tokenizer = self._init_tokenizer()
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.generation_config = _load_generation_config(self.model_config.model)
+        self.model_executor = executor_class(vllm_config)
+        self.scheduler = Scheduler(vllm_config.scheduler_config, vllm_config.cache_config)
+        self.requests: dict[str, _Request] = {}
+        self._seq_counter = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        config = engine_args.create_engine_config()
+        return cls(config, get_executor_class(config), log_stats=not engine_args.disable_log_stats)
+
+    def _init_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        mc = self.model_config
+        try:
+            return AutoTokenizer.from_pretrained(
+                mc.tokenizer,
+                trust_remote_code=mc.trust_remote_code,
+                use_fast=mc.tokenizer_mode != "slow",
+            )
+        except Exception as e:
+            raise ValueError(
+                f"Could not load a tokenizer from {mc.tokenizer!r}: {e}. Pass tokenizer=<dir> "
+                "pointing at a directory with tokenizer files."
+            ) from e
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | dict | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        text, token_ids = self._tokenize(prompt)
+        max_len = self.model_config.max_model_len
+        if not token_ids:
+            raise ValueError("The prompt is empty; give at least one token.")
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"The prompt ({len(token_ids)} tokens) is too long for max_model_len={max_len}: "
+                "it must leave room for at least one generated token."
+            )
+        cache = self.vllm_config.cache_config
+        needed = min(max_len, len(token_ids) + (params.max_tokens or max_len))
+        if -(-needed // cache.block_size) > cache.num_gpu_blocks:
+            raise ValueError(
+                f"A sequence of {needed} tokens does not fit in the KV cache "
+                f"({cache.num_gpu_blocks * cache.block_size} tokens); lower max_tokens or "
+                "give the cache more memory."
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        params = params.clone()
+        params.update_from_generation_config(self.generation_config, self.tokenizer.eos_token_id)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [
+            Sequence(next(self._seq_counter), request_id, token_ids, params, now, index=i)
+            for i in range(params.n)
+        ]
+        self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
+        for seq in seqs:
+            self.scheduler.add_seq(seq)
+
+    def _tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            raise ValueError(
+                f"A dict prompt needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}."
+            )
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(
+            f"Unsupported prompt type {type(prompt).__name__}: use a string, a list of token "
+            "ids, or a dict with 'prompt' or 'prompt_token_ids'."
+        )
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        ids = [request_id] if isinstance(request_id, str) else request_id
+        for rid in ids:
+            if self.requests.pop(rid, None) is not None:
+                self.scheduler.abort_request(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return outputs of requests that progressed."""
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            if self.scheduler.has_unfinished_seqs():
+                raise RuntimeError("The scheduler could not schedule any work; this is a bug.")
+            return []
+        runner_output = self.model_executor.execute_model(so)
+        touched: dict[str, _Request] = {}
+        for seq, sampled in self.scheduler.update_from_output(so, runner_output):
+            self._process_token(seq, sampled)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            finished = all(s.is_finished for s in req.seqs)
+            outputs.append(self._make_output(req, finished))
+            if finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _process_token(self, seq: Sequence, sampled: SampledToken) -> None:
+        params = seq.sampling_params
+        seq.cumulative_logprob += sampled.logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(sampled.top_logprobs or {sampled.token_id: sampled.logprob})
+        token = sampled.token_id
+        num_out = seq.num_output_tokens
+        status = None
+        if token in params.all_stop_token_ids and num_out >= params.min_tokens:
+            status = SequenceStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+        elif params.stop and num_out >= params.min_tokens:
+            stop_str = self.detokenizer.check_stop_strings(seq)
+            if stop_str is not None:
+                status = SequenceStatus.FINISHED_STOPPED
+                seq.stop_reason = stop_str
+        if status is None and (
+            (params.max_tokens is not None and num_out >= params.max_tokens)
+            or len(seq) >= self.model_config.max_model_len
+        ):
+            status = SequenceStatus.FINISHED_LENGTH_CAPPED
+        if status is not None:
+            self.scheduler.finish_seq(seq, status)
+
+    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in req.seqs:
+            text = self.detokenizer.output_text(seq) if finished else seq.output_text
+            logprobs = None
+            if seq.logprobs is not None:
+                logprobs = [{t: Logprob(lp) for t, lp in d.items()} for d in seq.logprobs]
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=logprobs,
+                    finish_reason=seq.status.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            req.request_id, req.prompt, req.prompt_token_ids, completions, finished
+        )
+
+    def shutdown(self) -> None:
+        executor = getattr(self, "model_executor", None)
+        if executor is not None:
+            executor.shutdown()

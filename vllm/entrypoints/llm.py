@@ -1,0 +1,128 @@
+"""The offline ``LLM`` API."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.llm_engine import LLMEngine
+from vllm.logger import init_logger
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """An LLM for offline generation: ``LLM(model=dir).generate(prompts, sampling_params)``.
+
+    Takes every ``EngineArgs`` field as a keyword argument; unknown names raise ``TypeError``.
+    """
+
+    def __init__(self, model: str, tokenizer: str | None = None, **kwargs: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(kwargs) - fields)
+        if unknown:
+            raise TypeError(
+                f"LLM() got unexpected keyword argument(s): {', '.join(unknown)}. "
+                "Valid arguments are the EngineArgs fields (see `vllm serve --help`)."
+            )
+        self.engine_args = EngineArgs(model=model, tokenizer=tokenizer, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+    ) -> list[RequestOutput]:
+        if lora_request is not None:
+            raise ValueError("LoRA is not supported by this engine; pass lora_request=None.")
+        prompt_list = self._normalize_prompts(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"Got {len(params_list)} sampling params for {len(prompt_list)} prompts; "
+                    "pass one, or one per prompt."
+                )
+        request_ids = []
+        for prompt, params in zip(prompt_list, params_list):
+            request_id = str(next(self._request_counter))
+            self.llm_engine.add_request(request_id, prompt, params)
+            request_ids.append(request_id)
+        return self._run_engine(request_ids, use_tqdm)
+
+    @staticmethod
+    def _normalize_prompts(prompts) -> list[PromptType]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]  # one prompt given as token ids
+        return prompts
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            bar = tqdm(
+                total=len(request_ids),
+                desc="Processed prompts",
+                dynamic_ncols=True,
+                postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s",
+            )
+        in_toks = out_toks = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        if bar is not None:
+                            in_toks += len(output.prompt_token_ids)
+                            out_toks += sum(len(o.token_ids) for o in output.outputs)
+                            elapsed = bar.format_dict["elapsed"] or 1e-9
+                            bar.postfix = (
+                                f"est. speed input: {in_toks / elapsed:.2f} toks/s, "
+                                f"output: {out_toks / elapsed:.2f} toks/s"
+                            )
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request([r for r in request_ids if r not in finished])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[r] for r in request_ids]
+
+    def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run a worker method on every rank (e.g. ``"save_sharded_state"``)."""
+        return self.llm_engine.model_executor.collective_rpc(method, timeout, args, kwargs)
+
+    def __del__(self):
+        engine = getattr(self, "llm_engine", None)
+        if engine is not None:
+            engine.shutdown()

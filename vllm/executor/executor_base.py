@@ -1,0 +1,71 @@
+"""Executors run worker methods on every rank; the engine talks to workers only through them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.sequence import ModelRunnerOutput, SchedulerOutput
+
+logger = init_logger(__name__)
+
+
+class ExecutorBase(ABC):
+    def __init__(self, vllm_config: VllmConfig):
+        self.vllm_config = vllm_config
+        self._init_executor()
+        self._initialize_kv_caches()
+
+    @abstractmethod
+    def _init_executor(self) -> None: ...
+
+    @abstractmethod
+    def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        """Run ``Worker.<method>(*args, **kwargs)`` on every rank; results in rank order."""
+
+    def _initialize_kv_caches(self) -> None:
+        """Agree on a KV cache size every rank can hold (the minimum), then allocate it."""
+        num_blocks = min(self.collective_rpc("determine_num_available_blocks"))
+        cache_config = self.vllm_config.cache_config
+        sched = self.vllm_config.scheduler_config
+        blocks_per_seq = -(-sched.max_model_len // cache_config.block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                "No space for the KV cache: raise VLLM_CPU_KVCACHE_SPACE (GiB, CPU) or "
+                "gpu_memory_utilization (GPU), or use a smaller model."
+            )
+        if num_blocks < blocks_per_seq:
+            logger.warning(
+                "The KV cache holds %d tokens, fewer than max_model_len=%d: long sequences "
+                "will be rejected. Lower max_model_len or give the cache more memory.",
+                num_blocks * cache_config.block_size,
+                sched.max_model_len,
+            )
+        cache_config.num_gpu_blocks = num_blocks
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens)",
+            num_blocks,
+            cache_config.block_size,
+            num_blocks * cache_config.block_size,
+        )
+        self.collective_rpc("initialize_cache", args=(num_blocks,))
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collective_rpc("execute_model", args=(scheduler_output,))[0]
+
+    def shutdown(self) -> None:
+        """Release workers; safe to call more than once."""
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

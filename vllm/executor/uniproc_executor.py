@@ -1,0 +1,30 @@
+"""TP size 1: the single worker lives in the engine's process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.executor.executor_base import ExecutorBase
+from vllm.worker.worker import Worker
+
+
+class UniProcExecutor(ExecutorBase):
+    def _init_executor(self) -> None:
+        self.driver_worker = Worker(self.vllm_config, rank=0)
+        self.driver_worker.init_device()
+        self.driver_worker.load_model()
+
+    def collective_rpc(
+        self,
+        method: str,
+        timeout: float | None = None,
+        args: tuple = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> list[Any]:
+        fn = method if callable(method) else getattr(self.driver_worker, method)
+        if callable(method):
+            return [fn(self.driver_worker, *args, **(kwargs or {}))]
+        return [fn(*args, **(kwargs or {}))]
+
+    def shutdown(self) -> None:
+        self.driver_worker = None

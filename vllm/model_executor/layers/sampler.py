@@ -1,0 +1,112 @@
+"""Batched sampling: penalties, temperature, min-p, top-k/top-p, seeded generators.
+
+Logprobs (and the cumulative logprob) are those of the model's raw distribution,
+before penalties and temperature, as upstream vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_SAMPLING_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    """Per sampled row settings, as tensors (``None`` when no row needs the feature)."""
+
+    all_greedy: bool
+    temperature: torch.Tensor  # [S] (1.0 for greedy rows, unused there)
+    greedy_mask: torch.Tensor  # [S] bool
+    top_p: torch.Tensor | None
+    top_k: torch.Tensor | None
+    min_p: torch.Tensor | None
+    generators: dict[int, torch.Generator]  # row -> generator for seeded rows
+    # Penalties: token counts of outputs [S, V] and prompt presence [S, V].
+    output_counts: torch.Tensor | None
+    prompt_mask: torch.Tensor | None
+    presence_penalty: torch.Tensor | None
+    frequency_penalty: torch.Tensor | None
+    repetition_penalty: torch.Tensor | None
+    # (row, token_ids) that may not be sampled yet (min_tokens).
+    banned_tokens: list[tuple[int, list[int]]]
+    max_num_logprobs: int  # 0: only the sampled token's logprob
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [S]
+    logprobs: torch.Tensor  # [S] logprob of each sampled token
+    top_token_ids: torch.Tensor | None  # [S, K]
+    top_logprobs: torch.Tensor | None  # [S, K]
+
+
+def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    if md.repetition_penalty is not None:
+        seen = md.prompt_mask | (md.output_counts > 0)
+        rp = md.repetition_penalty[:, None].expand_as(logits)
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(seen, penalized, logits)
+    if md.frequency_penalty is not None:
+        logits = logits - md.frequency_penalty[:, None] * md.output_counts
+    if md.presence_penalty is not None:
+        logits = logits - md.presence_penalty[:, None] * (md.output_counts > 0)
+    return logits
+
+
+def _top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        k = top_k.clamp(min=1, max=logits.shape[-1])
+        kth = sorted_logits.gather(-1, (logits.shape[-1] - k)[:, None].long())
+        # top_k == 0 means disabled.
+        cutoff = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, -float("inf")))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < cutoff, -float("inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        drop = cum <= (1 - top_p[:, None])
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / q), q ~ Exp(1) (one generator per seeded row)."""
+    q = torch.empty_like(probs)
+    q.exponential_()
+    for row, gen in generators.items():
+        q[row].exponential_(generator=gen)
+    return probs.div(q).argmax(dim=-1)
+
+
+class Sampler(torch.nn.Module):
+    def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
+        """logits: [S, V] float32 over the real vocabulary."""
+        raw_logprobs = logits.log_softmax(dim=-1)
+        if md.output_counts is not None:
+            logits = _apply_penalties(logits, md)
+        for row, tokens in md.banned_tokens:
+            logits[row, tokens] = -float("inf")
+        greedy = logits.argmax(dim=-1)
+        if md.all_greedy:
+            token_ids = greedy
+        else:
+            logits = logits / md.temperature[:, None]
+            if md.min_p is not None:
+                probs = logits.softmax(dim=-1)
+                threshold = md.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+                logits = logits.masked_fill(probs < threshold, -float("inf"))
+            if md.top_k is not None or md.top_p is not None:
+                logits = _top_k_top_p(logits, md.top_k, md.top_p)
+            sampled = _random_sample(logits.softmax(dim=-1), md.generators)
+            token_ids = torch.where(md.greedy_mask, greedy, sampled)
+        logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
+        top_ids = top_lp = None
+        if md.max_num_logprobs > 0:
+            top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)
+        return SamplerOutput(token_ids, logprobs, top_ids, top_lp)

@@ -1,0 +1,107 @@
+"""Model loaders by ``load_format``: build the model on the target device and dtype, then fill it."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from vllm.config import LoadConfig, ModelConfig, VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader.weight_utils import (
+    find_weight_files,
+    pt_weights_iterator,
+    safetensors_weights_iterator,
+)
+from vllm.model_executor.models.registry import ModelRegistry
+
+logger = init_logger(__name__)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """Construct the model with uninitialised parameters directly in the target dtype/device."""
+    model_cls = ModelRegistry.resolve_model_cls(model_config.architecture)
+    with _default_dtype(model_config.dtype), torch.device(device):
+        return model_cls(model_config.hf_config).eval()
+
+
+def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    if missing:
+        raise ValueError(
+            f"Following weights were not initialized from checkpoint: {', '.join(missing[:20])}"
+            f"{' ...' if len(missing) > 20 else ''} ({len(missing)} missing)."
+        )
+
+
+class BaseModelLoader(ABC):
+    def __init__(self, load_config: LoadConfig):
+        self.load_config = load_config
+
+    @abstractmethod
+    def load_model(self, vllm_config: VllmConfig) -> nn.Module: ...
+
+
+class DefaultModelLoader(BaseModelLoader):
+    """Hugging Face checkpoints: safetensors (lazy slices), or .bin/.pt (weights_only)."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        if load_config.model_loader_extra_config:
+            keys = ", ".join(sorted(load_config.model_loader_extra_config))
+            raise ValueError(
+                f"model_loader_extra_config keys {keys} are not used by "
+                f"load_format={load_config.load_format!r}."
+            )
+
+    def load_model(self, vllm_config: VllmConfig) -> nn.Module:
+        model_config = vllm_config.model_config
+        model = initialize_model(model_config, vllm_config.device_config.torch_device)
+        files, use_safetensors = find_weight_files(model_config.model, self.load_config.load_format)
+        weights = (safetensors_weights_iterator if use_safetensors else pt_weights_iterator)(files)
+        start = time.perf_counter()
+        with torch.no_grad():
+            loaded = model.load_weights(weights)
+        check_all_loaded(model, loaded)
+        logger.info("Loading weights took %.2f seconds", time.perf_counter() - start)
+        return model
+
+
+class DummyModelLoader(BaseModelLoader):
+    """Random weights (uniform in [-1e-3, 1e-3]) for benchmarks and tests."""
+
+    def load_model(self, vllm_config: VllmConfig) -> nn.Module:
+        model = initialize_model(vllm_config.model_config, vllm_config.device_config.torch_device)
+        gen = torch.Generator(device=vllm_config.device_config.device)
+        gen.manual_seed(vllm_config.model_config.seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.uniform_(-1e-3, 1e-3, generator=gen)
+        return model
+
+
+def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
+    if load_config.load_format == "dummy":
+        return DummyModelLoader(load_config)
+    if load_config.load_format == "sharded_state":
+        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
+        return ShardedStateLoader(load_config)
+    return DefaultModelLoader(load_config)
+
+
+def get_model(vllm_config: VllmConfig) -> nn.Module:
+    return get_model_loader(vllm_config.load_config).load_model(vllm_config)

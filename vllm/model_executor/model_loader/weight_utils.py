@@ -1,0 +1,66 @@
+"""Finding and iterating checkpoint files. Tensors come out lazily where the format allows."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+
+from vllm.model_executor.utils import LoadedWeight
+
+_WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def find_weight_files(model_dir: str, load_format: str) -> tuple[list[str], bool]:
+    """Return (files, use_safetensors) for ``load_format`` 'auto', 'safetensors' or 'pt'."""
+    patterns = {
+        "auto": ["*.safetensors", "*.bin", "*.pt"],
+        "safetensors": ["*.safetensors"],
+        "pt": ["*.bin", "*.pt"],
+    }[load_format]
+    for pattern in patterns:
+        files = sorted(glob.glob(os.path.join(model_dir, pattern)))
+        # Sharded-state files are not a Hugging Face checkpoint.
+        files = [f for f in files if not os.path.basename(f).startswith("model-rank-")]
+        files = _filter_by_index(model_dir, files)
+        if files:
+            return files, pattern == "*.safetensors"
+    raise FileNotFoundError(
+        f"No model weights found in {model_dir!r} for load_format={load_format!r} "
+        f"(looked for {', '.join(patterns)})."
+    )
+
+
+def _filter_by_index(model_dir: str, files: list[str]) -> list[str]:
+    """Keep only the files a weight index names (a directory may hold stray copies)."""
+    for index_name in _WEIGHT_INDEX_FILES:
+        path = os.path.join(model_dir, index_name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                names = set(json.load(f).get("weight_map", {}).values())
+            kept = [f for f in files if os.path.basename(f) in names]
+            if kept:
+                return kept
+    return files
+
+
+def safetensors_weights_iterator(files: list[str]) -> Iterator[tuple[str, LoadedWeight]]:
+    """Yield (name, lazy slice): a rank reads only the rows its weight_loader asks for."""
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+def pt_weights_iterator(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors of .bin/.pt files; ``weights_only`` so a checkpoint never runs code."""
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__}).")
+        yield from state.items()
+        del state

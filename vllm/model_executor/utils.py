@@ -1,0 +1,55 @@
+"""Helpers shared by layers and loaders for parameters and lazily-read checkpoint tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# A checkpoint tensor: a real tensor, or a lazy safetensors slice (``safe_open.get_slice``)
+# that reads from disk only the rows a rank asks for.
+LoadedWeight = Any
+
+
+def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        if hasattr(param, key):
+            raise AttributeError(f"Parameter already has attribute {key!r}")
+        setattr(param, key, value)
+
+
+def weight_shape(w: LoadedWeight) -> tuple[int, ...]:
+    return tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
+
+
+def narrow_weight(w: LoadedWeight, dim: int, start: int, length: int) -> LoadedWeight:
+    """``w.narrow(dim, start, length)`` that reads only that range from a lazy slice."""
+    if isinstance(w, torch.Tensor):
+        return w.narrow(dim, start, length)
+    index = [slice(None)] * len(weight_shape(w))
+    index[dim] = slice(start, start + length)
+    return w[tuple(index)]
+
+
+def materialize(w: LoadedWeight) -> torch.Tensor:
+    if isinstance(w, torch.Tensor):
+        return w
+    if len(weight_shape(w)) == 0:
+        return w[()]
+    return w[:]
+
+
+def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
+    """Copy a checkpoint tensor into ``dst`` after checking the shape."""
+    shape = weight_shape(w)
+    if tuple(dst.shape) != shape:
+        raise ValueError(
+            f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
+            f"the model expects {tuple(dst.shape)}."
+        )
+    dst.copy_(materialize(w))
+
+
+def default_weight_loader(param: torch.Tensor, loaded_weight: LoadedWeight) -> None:
+    """Loader for replicated parameters: the whole tensor, shape checked."""
+    copy_weight(param.data, loaded_weight)

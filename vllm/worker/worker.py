@@ -1,0 +1,95 @@
+"""One worker per tensor-parallel rank: device, model, KV cache, and step execution."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm.attention import Attention
+from vllm.config import VllmConfig
+from vllm.distributed import init_distributed_environment
+from vllm.logger import init_logger
+from vllm.sequence import ModelRunnerOutput, SchedulerOutput
+from vllm.worker.model_runner import ModelRunner
+
+logger = init_logger(__name__)
+
+
+class Worker:
+    def __init__(
+        self, vllm_config: VllmConfig, rank: int = 0, distributed_init_method: str | None = None
+    ):
+        self.vllm_config = vllm_config
+        self.rank = rank
+        self.distributed_init_method = distributed_init_method
+        self.kv_cache: torch.Tensor | None = None
+        self.model_runner: ModelRunner | None = None
+
+    def init_device(self) -> None:
+        device_config = self.vllm_config.device_config
+        world_size = self.vllm_config.parallel_config.world_size
+        if device_config.device == "cuda":
+            self.device = torch.device(f"cuda:{self.rank % max(1, torch.cuda.device_count())}")
+            torch.cuda.set_device(self.device)
+            backend = "nccl"
+        else:
+            self.device = torch.device("cpu")
+            backend = "gloo"
+        init_distributed_environment(world_size, self.rank, self.distributed_init_method, backend)
+        torch.manual_seed(self.vllm_config.model_config.seed)
+        self.model_runner = ModelRunner(self.vllm_config, self.device, is_driver=self.rank == 0)
+
+    def load_model(self) -> None:
+        self.model_runner.load_model()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.model_runner.model
+
+    def _attention_layers(self) -> list[Attention]:
+        return [m for m in self.model.modules() if isinstance(m, Attention)]
+
+    def get_cache_block_size_bytes(self) -> int:
+        layers = self._attention_layers()
+        block_size = self.vllm_config.cache_config.block_size
+        dtype_size = torch.empty((), dtype=self.vllm_config.model_config.dtype).element_size()
+        return sum(2 * block_size * a.num_kv_heads * a.head_size * dtype_size for a in layers)
+
+    def determine_num_available_blocks(self) -> int:
+        """How many KV blocks this rank can hold; the executor takes the minimum over ranks."""
+        cache_config = self.vllm_config.cache_config
+        if cache_config.num_gpu_blocks_override is not None:
+            return cache_config.num_gpu_blocks_override
+        block_bytes = self.get_cache_block_size_bytes()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_elsewhere = total - free
+            budget = total * cache_config.gpu_memory_utilization - used_elsewhere
+        else:
+            budget = cache_config.cpu_kvcache_space_bytes
+        # No point in more blocks than every sequence at full length could use.
+        sched = self.vllm_config.scheduler_config
+        max_useful = sched.max_num_seqs * -(-sched.max_model_len // cache_config.block_size)
+        return max(0, min(int(budget // block_bytes), max_useful))
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        """One flat allocation; each attention layer gets a [2, slots, kv_heads, head] view."""
+        layers = self._attention_layers()
+        block_size = self.vllm_config.cache_config.block_size
+        a = layers[0]
+        if any((x.num_kv_heads, x.head_size) != (a.num_kv_heads, a.head_size) for x in layers):
+            raise NotImplementedError("Layers with different KV shapes are not supported.")
+        self.kv_cache = torch.zeros(
+            len(layers),
+            2,
+            num_blocks * block_size,
+            a.num_kv_heads,
+            a.head_size,
+            dtype=self.vllm_config.model_config.dtype,
+            device=self.device,
+        )
+        for i, layer in enumerate(layers):
+            layer.kv_cache = self.kv_cache[i]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        return self.model_runner.execute_model(scheduler_output)
