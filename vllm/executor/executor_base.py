@@ -63,6 +63,7 @@ class ExecutorBase(ABC):
 
     def shutdown(self) -> None:
         """Release workers; safe to call more than once."""
+        return None
 
     def __del__(self):
         try:

@@ -1,4 +1,4 @@
-"""Model loaders by ``load_format``: build the model on the target device and dtype, then fill it."""
+"""Model loaders by ``load_format``: build the model in the target dtype, then fill it."""
 
 from __future__ import annotations
 
