@@ -53,6 +53,8 @@ class Scheduler:
         self.requests: dict[str, dict[int, Sequence]] = {}
         # Sequences the workers must forget, reported with the next schedule().
         self._finished_seq_ids: list[int] = []
+        # Preemptions so far (each one recomputes a sequence's KV later), for stats and tests.
+        self.num_preemptions = 0
 
     # ----------------------------------------------------------------- requests
 
@@ -217,6 +219,7 @@ class Scheduler:
         seq.in_worker = False
         seq.pending_token_ids = []  # already in token_ids; resent whole as a new sequence
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     # ------------------------------------------------------------------ results

@@ -15,14 +15,21 @@ class Detokenizer:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
-    def check_stop_strings(self, seq: Sequence) -> str | None:
-        """Decode the output so far; on a stop string, truncate ``output_text`` and return it."""
+    def check_stop_strings(self, seq: Sequence, can_stop: bool = True) -> str | None:
+        """Decode the output so far; on a stop string, truncate ``output_text`` and return it.
+
+        With ``can_stop`` False (before ``min_tokens``) only the text advances, so a stop
+        string generated then is never found later.
+        """
         params = seq.sampling_params
         text = self._decode(seq, seq.output_token_ids)
-        # Only the new tail can hold a stop string that was not there last step.
-        search_from = max(0, len(seq.output_text) - max(len(s) for s in params.stop))
+        # Text searched last step holds no stop string; only one ending in the new tail can.
+        # A trailing U+FFFD is an unfinished character the new token may complete.
+        searched = len(seq.output_text.rstrip("\ufffd"))
         seq.output_text = text
-        hits = [(text.find(s, search_from), s) for s in params.stop]
+        if not can_stop:
+            return None
+        hits = [(text.find(s, max(0, searched - len(s) + 1)), s) for s in params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
             return None

@@ -125,6 +125,12 @@ class LLMEngine:
                 f"({cache.num_gpu_blocks * cache.block_size} tokens); lower max_tokens or "
                 "give the cache more memory."
             )
+        max_logprobs = self.model_config.max_logprobs
+        if params.logprobs is not None and params.logprobs > max_logprobs:
+            raise ValueError(
+                f"Requested logprobs={params.logprobs}, more than max_logprobs={max_logprobs}; "
+                "ask for fewer or raise max_logprobs when creating the engine."
+            )
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
@@ -133,12 +139,23 @@ class LLMEngine:
         params.update_from_generation_config(self.generation_config, self.tokenizer.eos_token_id)
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
-            Sequence(next(self._seq_counter), request_id, token_ids, params, now, index=i)
-            for i in range(params.n)
+            Sequence(next(self._seq_counter), request_id, token_ids, p, now, index=i)
+            for i, p in enumerate(self._per_sample_params(params))
         ]
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
         for seq in seqs:
             self.scheduler.add_seq(seq)
+
+    @staticmethod
+    def _per_sample_params(params: SamplingParams) -> list[SamplingParams]:
+        """Params of each of the ``n`` samples; with a seed, sample i uses ``seed + i``
+        (as upstream) so the n completions differ yet stay reproducible."""
+        if params.seed is None or params.n == 1:
+            return [params] * params.n
+        per_sample = [params.clone() for _ in range(params.n)]
+        for i, p in enumerate(per_sample):
+            p.seed = params.seed + i
+        return per_sample
 
     def _tokenize(self, prompt: str | dict | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -204,8 +221,9 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 seq.stop_reason = token
-        elif params.stop and num_out >= params.min_tokens:
-            stop_str = self.detokenizer.check_stop_strings(seq)
+        elif params.stop:
+            # Like stop tokens, stop strings count only in text after the first min_tokens.
+            stop_str = self.detokenizer.check_stop_strings(seq, num_out > params.min_tokens)
             if stop_str is not None:
                 status = SequenceStatus.FINISHED_STOPPED
                 seq.stop_reason = stop_str

@@ -63,10 +63,15 @@ class LLM:
                     "pass one, or one per prompt."
                 )
         request_ids = []
-        for prompt, params in zip(prompt_list, params_list):
-            request_id = str(next(self._request_counter))
-            self.llm_engine.add_request(request_id, prompt, params)
-            request_ids.append(request_id)
+        try:
+            for prompt, params in zip(prompt_list, params_list):
+                request_id = str(next(self._request_counter))
+                self.llm_engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except BaseException:
+            # A rejected prompt rejects the call: its batch-mates must not linger in the engine.
+            self.llm_engine.abort_request(request_ids)
+            raise
         return self._run_engine(request_ids, use_tqdm)
 
     @staticmethod

@@ -51,6 +51,11 @@ class ModelRunner:
             if sp.sampling_type == SamplingType.RANDOM_SEED:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(sp.seed)
+                # A sequence resumed after preemption brings its outputs so far: replay the
+                # draws they used (one per token) so its random stream goes on unchanged.
+                for _ in range(len(new.token_ids) - new.num_prompt_tokens):
+                    q = torch.empty(self.vocab_size, dtype=torch.float32, device=self.device)
+                    q.exponential_(generator=gen)
             self.seqs[new.seq_id] = SeqState(
                 list(new.token_ids),
                 new.num_prompt_tokens,
