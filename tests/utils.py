@@ -22,13 +22,16 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    # Like ignore_eos: generate exactly max_new_tokens without banning EOS (min_new_tokens
+    # would ban it and change the argmax where the model prefers EOS).
+    model.generation_config.eos_token_id = None
     tokens, last_logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = torch.tensor([prompt])
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                do_sample=False, output_logits=True,
                 return_dict_in_generate=True, pad_token_id=0,
             )
             tokens.append(out.sequences[0, len(prompt):].tolist())

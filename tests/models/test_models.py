@@ -25,6 +25,7 @@ CASES = {
     "gpt2-n_inner": dict(arch="gpt2", n_inner=96, scale_attn_by_inverse_layer_idx=True),
     "gpt_neox": dict(arch="gpt_neox"),
     "gpt_neox-sequential": dict(arch="gpt_neox", use_parallel_residual=False),
+    "gpt_neox-tied": dict(arch="gpt_neox", tie_word_embeddings=True),
     "opt": dict(arch="opt"),
     "opt-post-ln": dict(arch="opt", do_layer_norm_before=False, word_embed_proj_dim=64),
     "gpt_bigcode": dict(arch="gpt_bigcode"),
