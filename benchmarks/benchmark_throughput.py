@@ -1,10 +1,16 @@
 """Offline generation throughput: this engine vs transformers ``generate``, in one run.
 
-Both run the same random-weight model on the same prompts, greedy, with a fixed
-number of new tokens per prompt (EOS ignored), so the work is identical. The model
-is built locally (nothing is downloaded): a ~100M-parameter Llama by default.
+Both run the same random-weight model on the same prompts, greedy, EOS ignored. The
+model is built locally (nothing is downloaded): a ~100M-parameter Llama by default.
 
-    python benchmarks/benchmark_throughput.py                # 32 prompts, 128 new tokens
+Two workloads:
+- fixed: every prompt generates --output-len tokens (identical work on both sides);
+- mixed: prompt i generates its own length in [--output-len-min, --output-len]; a
+  transformers batch runs until its longest request is done (how `generate` batches),
+  while continuous batching retires each request at its own length.
+Throughput counts only the tokens each request asked for.
+
+    python benchmarks/benchmark_throughput.py                # 32 prompts, up to 128 new tokens
     python benchmarks/benchmark_throughput.py --model DIR    # an existing HF checkpoint
 """
 
@@ -29,86 +35,115 @@ def build_default_model(path: str) -> str:
 
 def make_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(2, vocab) for _ in range(rng.randint(min_len, max_len))]
-            for _ in range(n)]
+    return [
+        [rng.randrange(2, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)
+    ]
 
 
-def run_vllm(args, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
-    from vllm import LLM, SamplingParams
+def run_vllm(llm, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, list]:
+    from vllm import SamplingParams
 
-    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=max(256, len(prompts)),
-              tensor_parallel_size=args.tensor_parallel_size)
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    del llm
-    return elapsed, [o.outputs[0].token_ids for o in outputs]
+    return time.perf_counter() - start, [o.outputs[0].token_ids for o in outputs]
 
 
-def run_hf(args, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
-    from transformers import AutoModelForCausalLM
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+def run_hf(model, prompts: list[list[int]], out_lens: list[int]) -> tuple[float, list]:
     # Left-pad into one batch, as a transformers user batches generate().
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    kwargs = dict(do_sample=False, pad_token_id=0, max_new_tokens=args.output_len,
-                  min_new_tokens=args.output_len)
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    model.generation_config.eos_token_id = None  # like ignore_eos
     with torch.no_grad():
-        model.generate(ids[:2], attention_mask=mask[:2], **{**kwargs, "max_new_tokens": 4,
-                                                            "min_new_tokens": 4})
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, **kwargs)
+        out = model.generate(
+            ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=max(out_lens)
+        )
         elapsed = time.perf_counter() - start
-    return elapsed, out[:, width:].tolist()
+    return elapsed, [row[width : width + n] for row, n in zip(out.tolist(), out_lens)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF model directory; a random ~100M "
-                        "Llama is built there if it holds no config.json (default: a temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="HF model directory; a random ~100M "
+        "Llama is built there if it holds no config.json (default: a temp dir)",
+    )
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len-min", type=int, default=32)
     parser.add_argument("--input-len-max", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument(
+        "--output-len-min", type=int, default=16, help="shortest output of the mixed workload"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="only measure this engine")
     args = parser.parse_args()
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm import LLM, SamplingParams
+
     with tempfile.TemporaryDirectory() as tmp:
         args.model = build_default_model(args.model or os.path.join(tmp, "llama-100m"))
-        from transformers import AutoConfig
-
         vocab = AutoConfig.from_pretrained(args.model).vocab_size
-        prompts = make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, vocab,
-                               args.seed)
-        n_in = sum(len(p) for p in prompts)
-        n_out = args.num_prompts * args.output_len
-        results = {"vllm (this engine)": run_vllm(args, prompts)}
+        prompts = make_prompts(
+            args.num_prompts, args.input_len_min, args.input_len_max, vocab, args.seed
+        )
+        rng = random.Random(args.seed + 1)
+        workloads = {
+            "fixed": [args.output_len] * len(prompts),
+            "mixed": [rng.randint(args.output_len_min, args.output_len) for _ in prompts],
+        }
+        results: dict[tuple[str, str], tuple[float, list]] = {}
+        llm = LLM(
+            model=args.model,
+            dtype=args.dtype,
+            max_num_seqs=max(256, len(prompts)),
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        for name, lens in workloads.items():
+            results[("vllm", name)] = run_vllm(llm, prompts, lens)
+        del llm
         if not args.skip_hf:
-            results["transformers generate"] = run_hf(args, prompts)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+            run_hf(model, prompts[:2], [4, 4])  # warm-up
+            for name, lens in workloads.items():
+                results[("transformers", name)] = run_hf(model, prompts, lens)
 
-    print(f"\n{args.num_prompts} prompts, {n_in} prompt tokens, {n_out} generated tokens, "
-          f"dtype={args.dtype}, torch threads={torch.get_num_threads()}")
-    print(f"{'engine':<24}{'seconds':>10}{'gen tok/s':>12}{'total tok/s':>13}{'ratio':>8}")
-    base = results.get("transformers generate", next(iter(results.values())))[0]
-    for name, (sec, _) in results.items():
-        print(f"{name:<24}{sec:>10.2f}{n_out / sec:>12.1f}{(n_in + n_out) / sec:>13.1f}"
-              f"{base / sec:>7.2f}x")
-    if "transformers generate" in results:
-        ours, ref = results["vllm (this engine)"][1], results["transformers generate"][1]
-        same = sum(a == b for a, b in zip(ours, ref))
-        print(f"greedy outputs identical to transformers: {same}/{len(ours)}")
+    n_in = sum(len(p) for p in prompts)
+    print(
+        f"\n{args.num_prompts} prompts ({n_in} prompt tokens), dtype={args.dtype}, "
+        f"torch threads={torch.get_num_threads()}, TP={args.tensor_parallel_size}"
+    )
+    print(
+        f"{'workload':<9}{'engine':<14}{'gen tokens':>11}{'seconds':>10}{'gen tok/s':>11}"
+        f"{'total tok/s':>13}{'vs transformers':>17}"
+    )
+    for (engine, name), (sec, _) in results.items():
+        n_out = sum(workloads[name])
+        base = results.get(("transformers", name), (sec, None))[0]
+        print(
+            f"{name:<9}{engine:<14}{n_out:>11}{sec:>10.2f}{n_out / sec:>11.1f}"
+            f"{(n_in + n_out) / sec:>13.1f}{base / sec:>16.2f}x"
+        )
+    for name in workloads:
+        if ("transformers", name) in results:
+            ours, ref = results[("vllm", name)][1], results[("transformers", name)][1]
+            same = sum(a == b for a, b in zip(ours, ref))
+            print(f"{name}: greedy outputs identical to transformers: {same}/{len(ours)}")
 
 
 if __name__ == "__main__":

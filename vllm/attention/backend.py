@@ -94,23 +94,24 @@ def paged_attention(
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     for p in meta.prefills:
-        qs = q[p.start : p.start + p.num_tokens].transpose(0, 1)  # [Hq, n, D]
+        # 4-D inputs: with 3-D ones SDPA on the CPU falls back to its slow math kernel.
+        qs = q[p.start : p.start + p.num_tokens].transpose(0, 1)[None]  # [1, Hq, n, D]
         if p.kv_slots is None:  # nothing cached: attend within the chunk
-            ks = k[p.start : p.start + p.num_tokens].transpose(0, 1)
-            vs = v[p.start : p.start + p.num_tokens].transpose(0, 1)
+            ks = k[p.start : p.start + p.num_tokens].transpose(0, 1)[None]
+            vs = v[p.start : p.start + p.num_tokens].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
-            ks = k_cache[p.kv_slots].transpose(0, 1)  # [Hkv, total, D]
-            vs = v_cache[p.kv_slots].transpose(0, 1)
+            ks = k_cache[p.kv_slots].transpose(0, 1)[None]  # [1, Hkv, total, D]
+            vs = v_cache[p.kv_slots].transpose(0, 1)[None]
             total = p.num_cached + p.num_tokens
             mask = torch.ones(p.num_tokens, total, dtype=torch.bool, device=q.device)
             mask = mask.tril(diagonal=p.num_cached)
             o = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa
             )
-        out[p.start : p.start + p.num_tokens] = o.transpose(0, 1)
+        out[p.start : p.start + p.num_tokens] = o[0].transpose(0, 1)
     if meta.decode_token_idx is not None:
         qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, Hq, 1, D]
         kd = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
