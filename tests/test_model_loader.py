@@ -1,0 +1,96 @@
+"""Default loader: formats, strictness and the errors a user sees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vllm import LLM, SamplingParams
+from vllm.testing import make_model
+
+PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model("llama", str(tmp_path_factory.mktemp("llama")), vocab_size=1000)
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(model_dir):
+    llm = LLM(model=model_dir)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS, use_tqdm=False)]
+
+
+def _copy_without_weights(src: str, dst: str) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    return dst
+
+
+def test_pt_format_matches_safetensors(model_dir, reference_tokens, tmp_path):
+    """A .bin checkpoint (read with weights_only=True) gives the same tokens."""
+    dst = _copy_without_weights(model_dir, str(tmp_path / "bin"))
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    torch.save(state, os.path.join(dst, "pytorch_model.bin"))
+    for fmt in ("pt", "auto"):
+        llm = LLM(model=dst, load_format=fmt)
+        out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == reference_tokens
+
+
+def test_bin_with_code_is_refused(model_dir, tmp_path):
+    """weights_only loading: a pickle that would run code is rejected, not executed."""
+    dst = _copy_without_weights(model_dir, str(tmp_path / "evil"))
+    torch.save({"x": os.system}, os.path.join(dst, "pytorch_model.bin"))
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        LLM(model=dst, load_format="pt")
+
+
+def test_dummy_format_needs_no_weights(model_dir, tmp_path):
+    dst = _copy_without_weights(model_dir, str(tmp_path / "dummy"))
+    llm = LLM(model=dst, load_format="dummy")
+    out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+
+
+def test_missing_weights_are_named(model_dir, tmp_path):
+    dst = _copy_without_weights(model_dir, str(tmp_path / "missing"))
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        LLM(model=dst)
+
+
+def test_unexpected_weights_are_named(model_dir, tmp_path):
+    dst = _copy_without_weights(model_dir, str(tmp_path / "extra"))
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    state["model.layers.0.mlp.surprise.weight"] = torch.zeros(2, 2)
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.surprise\.weight"):
+        LLM(model=dst)
+
+
+def test_shape_mismatch_is_reported(model_dir, tmp_path):
+    dst = _copy_without_weights(model_dir, str(tmp_path / "shape"))
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    state["model.norm.weight"] = torch.ones(7)
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    with pytest.raises(ValueError, match=r"(?i)shape mismatch.*\(7,\)"):
+        LLM(model=dst)
+
+
+def test_no_weights_found(model_dir, tmp_path):
+    dst = _copy_without_weights(model_dir, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="No model weights found"):
+        LLM(model=dst)
+
+
+def test_not_a_directory():
+    with pytest.raises(ValueError, match="not a local directory"):
+        LLM(model="/definitely/not/here")
