@@ -129,6 +129,57 @@ class ModelConfig:
         """KV heads held by one rank: split when possible, replicated when fewer than ranks."""
         return max(1, self.num_key_value_heads // tp_size)
 
+    @property
+    def intermediate_size(self) -> tuple[str, int]:
+        """(config name, value) of the MLP width, which the names differ on per family."""
+        cfg = self.hf_config
+        for key in ("intermediate_size", "ffn_dim", "n_inner"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return key, value
+        return "4 * hidden_size", 4 * self.hidden_size  # GPT-2 style n_inner=None
+
+    def verify_with_parallel_config(self, parallel_config: ParallelConfig) -> None:
+        """Fail before any weight is read when the layers cannot be split ``tp`` ways.
+
+        Attention heads and the MLP width are split; KV heads are split when ``tp``
+        divides them and replicated when they divide ``tp``. Vocabularies are padded,
+        so any size works.
+        """
+        tp = parallel_config.tensor_parallel_size
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        inter_name, inter = self.intermediate_size
+        checks = [
+            (
+                lambda t: heads % t == 0,
+                f"{heads} attention heads are not divisible by tensor_parallel_size={tp}",
+            ),
+            (
+                lambda t: kv % t == 0 or t % kv == 0,
+                f"{kv} KV heads can neither be split over nor replicated to "
+                f"tensor_parallel_size={tp} (one must divide the other)",
+            ),
+            (
+                lambda t: inter % t == 0,
+                f"the intermediate size {inter} ({inter_name}) is not divisible by "
+                f"tensor_parallel_size={tp}",
+            ),
+        ]
+        for ok, problem in checks:
+            if not ok(tp):
+                valid = [t for t in range(1, heads + 1) if all(c(t) for c, _ in checks)]
+                raise ValueError(
+                    f"{problem}; try {_join_or(valid)}"
+                    f" (model {self.model!r}: {heads} attention heads, {kv} KV heads, "
+                    f"intermediate size {inter})."
+                )
+
+
+def _join_or(values: list[int]) -> str:
+    """[1, 3, 9] -> '1, 3 or 9'."""
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
 
 def _load_hf_config(model: str, trust_remote_code: bool, revision: str | None) -> Any:
     from transformers import AutoConfig

@@ -1,8 +1,9 @@
-"""Small helpers shared across the engine: the CLI parser, ports, integer math."""
+"""Small helpers shared across the engine: the CLI parser, ports, integer math, memory."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import socket
 import sys
 from collections.abc import Sequence
@@ -48,3 +49,18 @@ def get_open_port() -> int:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of integers."""
     return -(a // -b)
+
+
+def process_memory() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in bytes (Linux; else (0, 0))."""
+    try:
+        with open("/proc/self/status") as f:
+            status = f.read()
+    except OSError:
+        return 0, 0
+
+    def field(key: str) -> int:
+        match = re.search(rf"^{key}:\s+(\d+) kB", status, re.M)
+        return int(match.group(1)) * 1024 if match else 0
+
+    return field("VmRSS"), field("VmHWM")

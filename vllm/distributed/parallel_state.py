@@ -6,7 +6,9 @@ parallel layers run unchanged in a single process.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,13 +24,27 @@ _INFO = DistributedInfo()
 
 
 def init_distributed_environment(
-    world_size: int, rank: int, init_method: str | None = None, backend: str = "gloo"
+    world_size: int,
+    rank: int,
+    init_method: str | None = None,
+    backend: str = "gloo",
+    timeout_s: float | None = None,
 ) -> None:
-    """Join the process group of the TP workers (a no-op at world size 1)."""
+    """Join the process group of the TP workers (a no-op at world size 1).
+
+    ``timeout_s`` bounds the rendezvous and every later collective, so a rank whose
+    peer is gone raises instead of waiting forever (default: VLLM_DIST_TIMEOUT_S or 600).
+    """
     global _INFO
     if world_size > 1 and not dist.is_initialized():
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("VLLM_DIST_TIMEOUT_S", "600"))
         dist.init_process_group(
-            backend=backend, init_method=init_method, world_size=world_size, rank=rank
+            backend=backend,
+            init_method=init_method,
+            world_size=world_size,
+            rank=rank,
+            timeout=timedelta(seconds=timeout_s),
         )
     _INFO = DistributedInfo(rank=rank, world_size=world_size)
 

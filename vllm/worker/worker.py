@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from vllm.attention import Attention
@@ -9,6 +11,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import init_distributed_environment
 from vllm.logger import init_logger
 from vllm.sequence import ModelRunnerOutput, SchedulerOutput
+from vllm.utils import process_memory
 from vllm.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
@@ -23,6 +26,7 @@ class Worker:
         self.distributed_init_method = distributed_init_method
         self.kv_cache: torch.Tensor | None = None
         self.model_runner: ModelRunner | None = None
+        self.load_memory: tuple[int, int] | None = None
 
     def init_device(self) -> None:
         device_config = self.vllm_config.device_config
@@ -39,7 +43,20 @@ class Worker:
         self.model_runner = ModelRunner(self.vllm_config, self.device, is_driver=self.rank == 0)
 
     def load_model(self) -> None:
+        start = time.perf_counter()
+        rss_before, _ = process_memory()
         self.model_runner.load_model()
+        _, peak = process_memory()
+        # (RSS before, peak RSS so far) in bytes; in a fresh worker process the peak is
+        # set by loading, so the difference is what loading cost this rank.
+        self.load_memory = (rss_before, peak)
+        logger.info(
+            "Rank %d loaded the model in %.2f s; peak RSS %.2f GiB (+%.2f GiB while loading)",
+            self.rank,
+            time.perf_counter() - start,
+            peak / (1 << 30),
+            (peak - rss_before) / (1 << 30),
+        )
 
     @property
     def model(self) -> torch.nn.Module:
@@ -93,3 +110,13 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         return self.model_runner.execute_model(scheduler_output)
+
+    def save_sharded_state(
+        self, path: str, pattern: str | None = None, max_size: int | None = None
+    ) -> None:
+        """Write this rank's slice of the model under ``path`` (every rank must call it)."""
+        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
+        ShardedStateLoader.save_model(
+            self.model, path, pattern=pattern, max_size=max_size, vllm_config=self.vllm_config
+        )
