@@ -24,6 +24,11 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache: torch.Tensor | None = None
+        # Upstream vLLM's Attention carries these float32 scalars (1.0 unless an fp8 KV
+        # cache sets them) as persistent buffers; keeping them makes our state_dict names
+        # match upstream's, so sharded-state checkpoints load in both directions.
+        for name in ("_k_scale", "_v_scale", "_q_scale", "_prob_scale"):
+            self.register_buffer(name, torch.tensor(1.0, dtype=torch.float32))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq * D], k/v: [T, Hkv * D] -> [T, Hq * D]."""

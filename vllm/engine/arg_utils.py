@@ -297,7 +297,8 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
         _arg(
             "model_loader_extra_config",
             "JSON object of extra options for the loader picked by --load-format, e.g. "
-            '\'{"pattern": "model-rank-{rank}-part-{part}.safetensors"}\' for sharded_state.',
+            '\'{"pattern": "model-rank-{rank}-part-{part}.safetensors", "verify": true}\' for '
+            "sharded_state (verify: check every file's checksum).",
             type=_json_arg,
         ),
         _arg(

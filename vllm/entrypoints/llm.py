@@ -127,6 +127,17 @@ class LLM:
         """Run a worker method on every rank (e.g. ``"save_sharded_state"``)."""
         return self.llm_engine.model_executor.collective_rpc(method, timeout, args, kwargs)
 
+    def save_sharded_state(
+        self, path: str, pattern: str | None = None, max_size: int | None = None
+    ) -> None:
+        """Save every rank's slice of the model to ``path``, to be loaded later with
+        ``LLM(model=path, load_format="sharded_state", tensor_parallel_size=<same>)``.
+
+        Copy the model's config and tokenizer files into ``path`` too (the example script
+        and ``vllm save-sharded-state`` do that).
+        """
+        self.llm_engine.model_executor.save_sharded_state(path, pattern, max_size)
+
     def __del__(self):
         engine = getattr(self, "llm_engine", None)
         if engine is not None:

@@ -61,6 +61,18 @@ class ExecutorBase(ABC):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.collective_rpc("execute_model", args=(scheduler_output,))[0]
 
+    def save_sharded_state(
+        self, path: str, pattern: str | None = None, max_size: int | None = None
+    ) -> None:
+        """Every rank writes its own slice of the model to ``path`` (load_format="sharded_state").
+
+        ``pattern`` names the files (must contain ``{rank}`` and ``{part}``); ``max_size``
+        (bytes) splits each rank's state into several files.
+        """
+        self.collective_rpc(
+            "save_sharded_state", kwargs=dict(path=path, pattern=pattern, max_size=max_size)
+        )
+
     def shutdown(self) -> None:
         """Release workers; safe to call more than once."""
         return None

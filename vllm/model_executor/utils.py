@@ -18,6 +18,18 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
         setattr(param, key, value)
 
 
+def get_shard_dim(param: torch.Tensor) -> int | None:
+    """The dimension tensor-parallel ranks split ``param`` along; None when replicated.
+
+    Derived from the parameter's own attributes: its ``weight_loader`` belongs to the layer
+    that shards it, and that layer's ``tp_split_attr`` says which of the parameter's
+    ``output_dim``/``input_dim`` is the split one.
+    """
+    layer = getattr(getattr(param, "weight_loader", None), "__self__", None)
+    attr = getattr(layer, "tp_split_attr", None)
+    return getattr(param, attr, None) if attr else None
+
+
 def weight_shape(w: LoadedWeight) -> tuple[int, ...]:
     return tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
 

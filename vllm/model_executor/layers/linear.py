@@ -36,6 +36,10 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
 
 
 class LinearBase(nn.Module):
+    # Which parameter attribute (``output_dim`` or ``input_dim``) names the dimension this
+    # layer splits across ranks; None: replicated. Read by ``get_shard_dim``.
+    tp_split_attr: str | None = None
+
     def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype=None):
         super().__init__()
         self.input_size = input_size
@@ -73,6 +77,8 @@ class ReplicatedLinear(LinearBase):
 
 class ColumnParallelLinear(LinearBase):
     """Y = X A with A split by columns (output features) across ranks."""
+
+    tp_split_attr = "output_dim"
 
     def __init__(
         self,
@@ -200,6 +206,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """Y = X A with A split by rows (input features); partial results are summed."""
+
+    tp_split_attr = "input_dim"  # the bias has no input_dim: it is replicated
 
     def __init__(
         self,

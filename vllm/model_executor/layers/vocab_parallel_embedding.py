@@ -27,6 +27,8 @@ def pad_vocab_size(vocab_size: int, pad_to: int) -> int:
 
 
 class VocabParallelEmbedding(nn.Module):
+    tp_split_attr = "output_dim"  # vocabulary rows; see LinearBase.tp_split_attr
+
     def __init__(
         self,
         num_embeddings: int,

@@ -11,6 +11,7 @@ from torch import nn
 
 from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.model_loader.state_dict_utils import record_initial_state
 from vllm.model_executor.model_loader.weight_utils import (
     find_weight_files,
     pt_weights_iterator,
@@ -35,7 +36,9 @@ def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Modu
     """Construct the model with uninitialised parameters directly in the target dtype/device."""
     model_cls = ModelRegistry.resolve_model_cls(model_config.architecture)
     with _default_dtype(model_config.dtype), torch.device(device):
-        return model_cls(model_config.hf_config).eval()
+        model = model_cls(model_config.hf_config).eval()
+    record_initial_state(model)  # what save_sharded_state must write for this model to load
+    return model
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
@@ -105,3 +108,12 @@ def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
 
 def get_model(vllm_config: VllmConfig) -> nn.Module:
     return get_model_loader(vllm_config.load_config).load_model(vllm_config)
+
+
+def __getattr__(name: str):
+    # Older upstream code imports ShardedStateLoader from this module.
+    if name == "ShardedStateLoader":
+        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+
+        return ShardedStateLoader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

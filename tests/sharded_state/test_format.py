@@ -1,0 +1,186 @@
+"""The format's pieces without an engine: subtensor filtering, patterns, parts, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.model_loader.safetensors_io import (
+    ShardFileError,
+    read_header,
+    read_into,
+    write_file,
+)
+from vllm.model_executor.model_loader.sharded_state_format import (
+    find_rank_files,
+    validate_pattern,
+)
+from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+from vllm.model_executor.model_loader.sharded_state_saver import _split_parts
+
+filter_subtensors = ShardedStateLoader._filter_subtensors
+
+
+def test_filter_subtensors_upstream_case():
+    state = {"a": torch.empty(2), "b": torch.empty((2, 4)), "c": torch.empty((2, 4, 8))}
+    state.update({"x": state["b"], "y": state["c"][1, 2, :], "z": state["c"][1, :, 4]})
+    filtered = filter_subtensors(state)
+    assert tuple(filtered) == ("a", "b", "c")
+    assert all(filtered[k] is state[k] for k in filtered)
+
+
+def test_filter_subtensors_alias_keeps_smaller_key():
+    w = torch.empty(8, 4)
+    state = {"model.embed_tokens.weight": w, "lm_head.weight": w, "other": w.view(32)}
+    assert list(filter_subtensors(state)) == ["lm_head.weight"]
+
+
+def test_filter_subtensors_empty_tensor_is_dropped():
+    # Upstream's rule: an empty tensor holds no bytes, so nothing is saved or asked for.
+    state = {"e": torch.empty(0), "f": torch.empty(3, 0), "a": torch.empty(3)}
+    assert list(filter_subtensors(state)) == ["a"]
+
+
+def test_filter_subtensors_non_contiguous_views():
+    c = torch.empty(4, 6)
+    # A transposed alias spans the same bytes but is not contiguous: the original is kept.
+    assert list(filter_subtensors({"t": c.t(), "c": c})) == ["c"]
+    # A strided column inside c is covered by c.
+    assert list(filter_subtensors({"c": c, "col": c[:, 1]})) == ["c"]
+    # A non-contiguous view that no contiguous tensor covers is kept (and saved as a copy).
+    alone = torch.empty(4, 6)[:, :3]
+    assert list(filter_subtensors({"alone": alone})) == ["alone"]
+    # Overlapping slices, neither covering the other: both kept.
+    flat = torch.empty(10)
+    assert list(filter_subtensors({"p": flat[:6], "q": flat[4:]})) == ["p", "q"]
+
+
+def test_filter_subtensors_on_meta_device():
+    with torch.device("meta"):
+        w, v = torch.empty(8, 4), torch.empty(8, 4)
+    state = {"b": w, "a": w, "v": v, "row": v[1]}
+    assert list(filter_subtensors(state)) == ["a", "v"]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "model.safetensors",
+        "model-{rank}.safetensors",
+        "model-{part}.safetensors",
+        "{rank}-{part}-{other}.safetensors",
+        "sub/{rank}-{part}.safetensors",
+        "{rank}-{part",
+    ],
+)
+def test_bad_patterns_are_refused(pattern):
+    with pytest.raises(ValueError, match="pattern"):
+        validate_pattern(pattern)
+
+
+def test_find_rank_files_orders_parts_and_ignores_other_ranks(tmp_path):
+    for name in ["w-1-10.st", "w-1-2.st", "w-11-0.st", "w-1-x.bin", "w-0-0.st"]:
+        (tmp_path / name).write_bytes(b"")
+    found = find_rank_files(str(tmp_path), validate_pattern("w-{rank}-{part}.st"), 1)
+    assert [os.path.basename(p) for p in found] == ["w-1-2.st", "w-1-10.st"]
+
+
+def test_split_parts_never_empty_and_oversized_alone():
+    state = {
+        "a": torch.empty(10),
+        "big": torch.empty(100),
+        "b": torch.empty(10),
+        "c": torch.empty(10),
+        "d": torch.empty(30),
+    }
+    parts = _split_parts(state, max_size=100)  # float32: 40, 400, 40, 40, 120 bytes
+    assert [[k for k, _ in p] for p in parts] == [["a"], ["big"], ["b", "c"], ["d"]]
+    assert _split_parts(state, None) == [list(state.items())]
+    assert all(len(p) == 1 for p in _split_parts(state, 1))
+
+
+def test_write_file_is_standard_safetensors(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    tensors = {
+        "scalar": torch.tensor(1.0),
+        "half": torch.randn(3, 5).half(),
+        "bf16": torch.randn(7).bfloat16(),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.arange(5),
+        "empty": torch.empty(0, 4),
+        "strided": torch.randn(4, 6)[:, ::2],
+    }
+    size, crc = write_file(path, tensors.items())
+    data = open(path, "rb").read()
+    assert size == len(data) and crc == zlib.crc32(data)
+    with safe_open(path, framework="pt") as f:
+        assert set(f.keys()) == set(tensors)
+        for k, t in tensors.items():
+            assert torch.equal(f.get_tensor(k), t), k
+    header = read_header(path)
+    targets = {
+        k: torch.empty_like(t, memory_format=torch.contiguous_format) for k, t in tensors.items()
+    }
+    targets["strided"] = torch.empty(3, 4).t()  # a non-contiguous destination
+    assert read_into(header, targets, checksum=True) == crc
+    assert all(torch.equal(targets[k], t) for k, t in tensors.items())
+
+
+def test_read_header_names_truncated_file(tmp_path):
+    path = str(tmp_path / "t.safetensors")
+    save_file({"w": torch.zeros(64)}, path)  # upstream-style file, written by safetensors
+    assert read_header(path).tensors[0].name == "w"
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(ShardFileError, match="t.safetensors is truncated"):
+        read_header(path)
+    with open(path, "wb") as f:
+        f.write(b"\x01\x02")
+    with pytest.raises(ShardFileError, match="t.safetensors is truncated"):
+        read_header(path)
+
+
+def test_each_rank_lists_only_its_own_files(model_dirs, tmp_path):
+    """Rank 1 of a TP=2 checkpoint opens rank 1's files and nothing else."""
+    src = model_dirs("llama")
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    for name in os.listdir(src):
+        if not name.endswith(".safetensors"):
+            (out / name).write_bytes((open(os.path.join(src, name), "rb")).read())
+    files = {}
+    for rank in (0, 1):
+        for part in (0, 1):
+            name = f"model-rank-{rank}-part-{part}.safetensors"
+            save_file({"w": torch.zeros(4)}, str(out / name))
+            files[name] = {
+                "rank": rank,
+                "part": part,
+                "size": os.path.getsize(out / name),
+                "crc32": "0",
+            }
+    manifest = {
+        "format_version": 1,
+        "architecture": "LlamaForCausalLM",
+        "tensor_parallel_size": 2,
+        "pipeline_parallel_size": 1,
+        "dtype": "float32",
+        "quantization": None,
+        "pattern": "model-rank-{rank}-part-{part}.safetensors",
+        "files": files,
+        "tensors": {},
+    }
+    (out / "sharded_state.json").write_text(json.dumps(manifest))
+    config = EngineArgs(
+        model=str(out), dtype="float32", tensor_parallel_size=2, load_format="sharded_state"
+    ).create_engine_config()
+    loader = ShardedStateLoader(config.load_config)
+    got = [os.path.basename(p) for p, _ in loader._rank_files(config, str(out), 1)]
+    assert got == ["model-rank-1-part-0.safetensors", "model-rank-1-part-1.safetensors"]

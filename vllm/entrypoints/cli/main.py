@@ -1,0 +1,69 @@
+"""``vllm <subcommand>``: one argparse sub-parser per command, all with vLLM's flag names.
+
+A command is (name, help, add_arguments(parser), run(args)); add new ones to COMMANDS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from vllm import __version__
+from vllm.utils import FlexibleArgumentParser
+
+
+class Command(NamedTuple):
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], None]
+
+
+def _save_sharded_state_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vllm.entrypoints.save_sharded_state import make_parser
+
+    return make_parser(parser)
+
+
+def _save_sharded_state(args: argparse.Namespace) -> None:
+    from vllm.entrypoints.save_sharded_state import main
+
+    main(args)
+
+
+COMMANDS: list[Command] = [
+    Command(
+        "save-sharded-state",
+        "Save a model so that each tensor-parallel rank later loads only its own files "
+        "(load_format='sharded_state'); same flags as "
+        "examples/offline_inference/save_sharded_state.py.",
+        _save_sharded_state_args,
+        _save_sharded_state,
+    ),
+]
+
+
+def make_parser() -> FlexibleArgumentParser:
+    parser = FlexibleArgumentParser(prog="vllm", description="vLLM-compatible inference engine.")
+    parser.add_argument("-v", "--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="subcommand", metavar="<command>")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(p)
+        p.set_defaults(dispatch=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "dispatch", None) is None:
+        parser.print_help()
+        sys.exit(2)
+    args.dispatch(args)
+
+
+if __name__ == "__main__":
+    main()

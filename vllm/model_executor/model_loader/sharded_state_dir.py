@@ -1,0 +1,212 @@
+"""Atomic replacement of a checkpoint directory.
+
+A save writes into a temporary directory beside the target (same filesystem), which
+holds an "incomplete" marker from its first moment to the end. When every file is in
+place it is swapped with the target in one step (``renameat2(RENAME_EXCHANGE)`` on
+Linux; two renames elsewhere), the old contents are deleted, and the marker is removed
+last. A directory holding the marker is refused by the loader, so a save killed at any
+point leaves either the previous checkpoint untouched or a directory that does not load.
+
+Files in the target that are not part of a sharded state (config, tokenizer, ...) are
+carried over into the new directory as hard links (copies where links are impossible).
+
+Where the target cannot be swapped (a mount point, e.g. a Docker volume; a parent on
+another filesystem or not writable), the temporary directory goes inside the target and
+the files are moved in one by one while the target itself holds the marker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+MARKER_NAME = ".sharded_state.incomplete"
+_TMP_TAG = ".sharded-tmp-"
+_OLD_TAG = ".sharded-old-"
+
+
+def _can_swap(target: str) -> bool:
+    """Whether a directory beside ``target`` can be renamed over it."""
+    parent = os.path.dirname(target)
+    try:
+        same_fs = os.stat(parent).st_dev == os.stat(target).st_dev
+        return same_fs and not os.path.ismount(target) and os.access(parent, os.W_OK)
+    except OSError:
+        return False
+
+
+def make_temp_dir(target: str) -> str:
+    """Create the temporary directory for a save into ``target`` (an absolute path)."""
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"Cannot save to {target}: it exists and is not a directory.")
+    parent, name = os.path.split(target)
+    inside = os.path.isdir(target) and not _can_swap(target)
+    if not inside:
+        os.makedirs(parent, exist_ok=True)
+    remove_stale_temp_dirs(target)
+    tmp = tempfile.mkdtemp(
+        prefix=f".{name}{_TMP_TAG}{os.getpid()}-", dir=target if inside else parent
+    )
+    if os.path.isdir(target):
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o777 & ~umask
+    os.chmod(tmp, mode)  # mkdtemp makes 0700; the result should look like a normal mkdir
+    with open(os.path.join(tmp, MARKER_NAME), "w") as f:
+        f.write("A save_sharded_state into this directory has not finished.\n")
+    return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(target: str) -> None:
+    """Delete temporary directories of earlier saves into ``target`` whose process is gone."""
+    parent, name = os.path.split(target)
+    for where in (parent, target):
+        try:
+            entries = os.listdir(where)
+        except OSError:
+            continue
+        for tag in (_TMP_TAG, _OLD_TAG):
+            prefix = f".{name}{tag}"
+            for entry in entries:
+                pid_text = entry[len(prefix) :].split("-", 1)[0]
+                if not entry.startswith(prefix) or not pid_text.isdigit():
+                    continue
+                pid = int(pid_text)
+                if pid == os.getpid() or _pid_alive(pid):
+                    continue
+                logger.info("Removing %s, left by an interrupted save (pid %d).", entry, pid)
+                shutil.rmtree(os.path.join(where, entry), ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def carry_over(target: str, tmp: str, is_shard_state: Callable[[str], bool]) -> list[str]:
+    """Link the target's entries that are not sharded state into ``tmp``; returns names."""
+    carried: list[str] = []
+    if not os.path.isdir(target):
+        return carried
+    for entry in os.scandir(target):
+        if entry.name == MARKER_NAME or is_shard_state(entry.name):
+            continue
+        dst = os.path.join(tmp, entry.name)
+        if os.path.lexists(dst):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
+        carried.append(entry.name)
+    return carried
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where that is unavailable."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"Cannot swap {a} into place: {os.strerror(err)}", b)
+
+
+def commit(tmp: str, target: str) -> None:
+    """Put the finished ``tmp`` at ``target``, delete what was there, then drop the marker."""
+    _fsync_dir(tmp)
+    old = None
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+    elif _exchange(tmp, target):
+        old = tmp  # the old contents now live at the temporary path
+    else:
+        head, tail = os.path.split(tmp)
+        old = os.path.join(head, tail.replace(_TMP_TAG, _OLD_TAG, 1))
+        os.rename(target, old)
+        os.rename(tmp, target)
+    parent = os.path.dirname(target)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    os.remove(os.path.join(target, MARKER_NAME))
+    _fsync_dir(target)
+
+
+def _install_in_place(
+    tmp: str, target: str, is_shard_state: Callable[[str], bool], last: str
+) -> None:
+    """Move the files of ``tmp`` (inside ``target``) into ``target``; ``last`` goes last.
+    The target holds the marker from before the first old shard is deleted to the end."""
+    marker = os.path.join(target, MARKER_NAME)
+    with open(marker, "w") as f:
+        f.write("A save_sharded_state into this directory has not finished.\n")
+    _fsync_dir(target)
+    for name in os.listdir(target):
+        path = os.path.join(target, name)
+        if is_shard_state(name) and not os.path.isdir(path):
+            os.remove(path)
+    names = [n for n in os.listdir(tmp) if n not in (MARKER_NAME, last)]
+    for name in [*names, last]:
+        os.replace(os.path.join(tmp, name), os.path.join(target, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_dir(target)
+    os.remove(marker)
+    _fsync_dir(target)
+
+
+def install(tmp: str, target: str, is_shard_state: Callable[[str], bool], last: str) -> None:
+    """Make the finished ``tmp`` the contents of ``target``: the target's files for which
+    ``is_shard_state`` is false are kept, the others replaced; ``last`` (the manifest) is
+    in place no earlier than the rest."""
+    if os.path.dirname(tmp) == target:
+        _install_in_place(tmp, target, is_shard_state, last)
+    else:
+        carry_over(target, tmp, is_shard_state)
+        commit(tmp, target)
+
+
+def is_incomplete(path: str) -> bool:
+    return os.path.exists(os.path.join(path, MARKER_NAME))

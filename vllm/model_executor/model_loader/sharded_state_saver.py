@@ -1,0 +1,349 @@
+"""``save_sharded_state``: every tensor-parallel rank writes its own slice of the model.
+
+Ranks write into one temporary directory beside the target; each checks that its files
+hold exactly what a sharded-state load will ask for; rank 0 then writes the manifest and
+swaps the directory into place (``sharded_state_dir``). Ranks agree on every step through
+``all_gather_object``, so a failure on one rank is raised on all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import sharded_state_dir
+from vllm.model_executor.model_loader.loader import _default_dtype, initialize_model
+from vllm.model_executor.model_loader.safetensors_io import (
+    ShardFileError,
+    dtype_name,
+    read_header,
+    write_file,
+)
+from vllm.model_executor.model_loader.sharded_state_format import (
+    DEFAULT_PATTERN,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    engine_config_info,
+    list_some,
+    pattern_regex,
+    read_manifest,
+    validate_pattern,
+)
+from vllm.model_executor.model_loader.state_dict_utils import (
+    INITIAL_STATE_ATTR,
+    filter_subtensors,
+    state_schema,
+)
+from vllm.model_executor.utils import get_shard_dim
+
+logger = init_logger(__name__)
+
+# Ranks wait for each other between the steps of a save: for the slowest rank's writes,
+# and for rank 0's swap. Those can take far longer than a collective of the forward pass
+# (VLLM_DIST_TIMEOUT_S), so the save agrees over its own gloo group with this timeout.
+_SAVE_TIMEOUT = timedelta(hours=6)
+
+
+def save_sharded_state(
+    model: nn.Module,
+    path: str,
+    pattern: str | None = None,
+    max_size: int | str | None = None,
+    vllm_config: VllmConfig | None = None,
+) -> None:
+    """Save this rank's state dict under ``path``; every rank of the group must call it.
+
+    Files are written into a temporary directory beside ``path``, checked against what
+    the loader will ask for, and swapped into place with the manifest; files already
+    in ``path`` that are not sharded state (config, tokenizer) are kept. ``max_size``
+    (bytes) splits a rank's tensors into several files; a tensor larger than it gets
+    a file of its own.
+    """
+    pattern = validate_pattern(DEFAULT_PATTERN if pattern is None else pattern)
+    max_size = _parse_max_size(max_size)
+    rank = get_tensor_model_parallel_rank()
+    world = get_tensor_model_parallel_world_size()
+    target = os.path.realpath(path)
+    start = time.perf_counter()
+    with _save_group(world) as group:
+        tmp = _on_rank0(lambda: sharded_state_dir.make_temp_dir(target), rank, group)
+        try:
+            records = _on_every_rank(
+                lambda: _save_rank(model, tmp, pattern, max_size, rank, world, vllm_config),
+                rank,
+                group,
+            )
+            _on_rank0(
+                lambda: _finish_save(model, target, tmp, pattern, records, world, vllm_config),
+                rank,
+                group,
+            )
+        except BaseException:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if rank == 0:
+        nbytes = sum(i["size"] for r in records for i in r["files"].values())
+        logger.info(
+            "Saved the sharded state of %d rank(s) to %s: %d files, %.1f MiB in %.2f s",
+            world,
+            target,
+            sum(len(r["files"]) for r in records),
+            nbytes / (1 << 20),
+            time.perf_counter() - start,
+        )
+
+
+def _parse_max_size(max_size: int | str | None) -> int | None:
+    if max_size is None:
+        return None
+    try:
+        value = int(max_size)  # upstream's example passes --max-file-size as a string
+    except (TypeError, ValueError):
+        raise ValueError(f"max_size must be a number of bytes, got {max_size!r}.") from None
+    if value < 1:
+        raise ValueError(f"max_size must be at least 1 byte, got {value}.")
+    return value
+
+
+@contextmanager
+def _save_group(world: int) -> Iterator[Any]:
+    """A gloo group of all ranks for the save's agreements (None in a single process)."""
+    if world == 1 or not dist.is_initialized():
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=_SAVE_TIMEOUT)
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def _gather(obj: Any, group: Any) -> list[Any]:
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _on_every_rank(fn: Callable[[], Any], rank: int, group: Any) -> list[Any]:
+    """Run ``fn`` on every rank; all ranks get every result, or all raise if one failed."""
+    error: Exception | None = None
+    result = None
+    try:
+        result = fn()
+    except Exception as e:
+        error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    outcomes = _gather((result, message), group)
+    if error is not None:
+        raise error
+    for r, (_, message) in enumerate(outcomes):
+        if message is not None:
+            raise RuntimeError(f"save_sharded_state failed on rank {r}: {message}")
+    return [res for res, _ in outcomes]
+
+
+def _on_rank0(fn: Callable[[], Any], rank: int, group: Any) -> Any:
+    return _on_every_rank(fn if rank == 0 else (lambda: None), rank, group)[0]
+
+
+def _split_parts(
+    state: dict[str, torch.Tensor], max_size: int | None
+) -> list[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of at most ``max_size`` bytes; an oversized tensor stands alone."""
+    parts: list[list[tuple[str, torch.Tensor]]] = []
+    current: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and max_size is not None and size + nbytes > max_size:
+            parts.append(current)
+            current, size = [], 0
+        current.append((name, t))
+        size += nbytes
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _tensor_schema(model: nn.Module, state: dict[str, torch.Tensor], world: int) -> dict:
+    """Per tensor: dtype, local shape, and (from the parameter's layer) shard dim and the
+    global shape, i.e. every rank's slice concatenated along the shard dim."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    schema = {}
+    for name, t in state.items():
+        param = params.get(name)
+        dim = get_shard_dim(param) if param is not None else None
+        local = list(t.shape)
+        global_shape = list(local)
+        if dim is not None:
+            global_shape[dim] *= world
+        schema[name] = {
+            "dtype": dtype_name(t.dtype),
+            "local_shape": local,
+            "global_shape": global_shape,
+            "shard_dim": dim,
+        }
+    return schema
+
+
+def _expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[str, tuple]:
+    """(shape, dtype) of every tensor a sharded-state load will ask for: what the model
+    held when it was built (recorded by ``initialize_model``), else what a rebuild on the
+    meta device holds."""
+    recorded = getattr(model, INITIAL_STATE_ATTR, None)
+    if recorded is not None:
+        return recorded
+    try:
+        meta = torch.device("meta")
+        if vllm_config is not None:
+            fresh = initialize_model(vllm_config.model_config, meta)
+        else:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            with _default_dtype(dtype or torch.get_default_dtype()), meta:
+                fresh = type(model)(model.config)
+    except Exception as e:  # a model that cannot be built on meta: compare with itself
+        logger.warning("Could not rebuild %s on the meta device (%s).", type(model).__name__, e)
+        fresh = model
+    return state_schema(fresh)
+
+
+def _save_rank(
+    model: nn.Module,
+    tmp: str,
+    pattern: str,
+    max_size: int | None,
+    rank: int,
+    world: int,
+    vllm_config: VllmConfig | None,
+) -> dict[str, Any]:
+    """Write this rank's files into ``tmp`` and check they hold what loading asks for."""
+    state = filter_subtensors(model.state_dict())
+    files: dict[str, dict[str, Any]] = {}
+    for part, items in enumerate(_split_parts(state, max_size)):
+        name = pattern.format(rank=rank, part=part)
+        size, crc = write_file(os.path.join(tmp, name), items)
+        files[name] = {
+            "rank": rank,
+            "part": part,
+            "size": size,
+            "crc32": f"{crc:08x}",
+            "tensors": [key for key, _ in items],
+        }
+    _check_loadable(_expected_state(model, vllm_config), tmp, files, rank)
+    return {"files": files, "tensors": _tensor_schema(model, state, world)}
+
+
+def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int) -> None:
+    """Fail unless the written files hold exactly the tensors loading will ask for."""
+    written: dict[str, tuple] = {}
+    for name, info in files.items():
+        header = read_header(os.path.join(tmp, name))
+        if header.size != info["size"]:
+            raise ShardFileError(f"{header.path} is {header.size} bytes, {info['size']} written.")
+        written.update({e.name: (e.shape, e.dtype) for e in header.tensors})
+    problems = []
+    missing = [k for k in expected if k not in written]
+    unexpected = [k for k in written if k not in expected]
+    differ = [
+        f"{k} (saved {list(written[k][0])} {dtype_name(written[k][1])}, loading expects "
+        f"{list(expected[k][0])} {dtype_name(expected[k][1])})"
+        for k in expected
+        if k in written and written[k] != expected[k]
+    ]
+    if missing:
+        problems.append(f"missing {list_some(missing)}")
+    if unexpected:
+        problems.append(f"not expected by the loader {list_some(unexpected)}")
+    if differ:
+        problems.append(f"shape or dtype differs {list_some(differ)}")
+    if problems:
+        raise RuntimeError(
+            f"save_sharded_state stopped before writing a checkpoint that would not load: "
+            f"rank {rank}'s state differs from what loading asks for ({'; '.join(problems)}). "
+            "Something changed the model's state dict after loading (e.g. weights repacked "
+            "for a backend). The target directory was left unchanged."
+        )
+
+
+def _finish_save(
+    model: nn.Module,
+    target: str,
+    tmp: str,
+    pattern: str,
+    records: list[dict[str, Any]],
+    world: int,
+    vllm_config: VllmConfig | None,
+) -> None:
+    """Rank 0: write the manifest, then put the directory in place keeping the target's
+    files that are not sharded state (old shards and the old manifest go)."""
+    files: dict[str, Any] = {}
+    for record in records:
+        for name, info in record["files"].items():
+            if name in files:
+                raise ValueError(f"The pattern {pattern!r} gives two ranks the file {name}.")
+            files[name] = info
+    tensors = records[0]["tensors"]
+    for r, record in enumerate(records):
+        if record["tensors"].keys() != tensors.keys():
+            raise RuntimeError(f"Rank {r} holds different tensors than rank 0.")
+    for name, entry in tensors.items():
+        shapes = [record["tensors"][name]["local_shape"] for record in records]
+        if any(s != shapes[0] for s in shapes):
+            entry["local_shapes"] = shapes  # per rank, where ranks hold different sizes
+
+    old = None
+    try:
+        old = read_manifest(target) if os.path.isdir(target) else None
+    except ShardFileError:
+        pass
+    old_files = set((old or {}).get("files", {}))
+    regexes = [pattern_regex(pattern), pattern_regex(DEFAULT_PATTERN)]
+    if old and isinstance(old.get("pattern"), str):
+        regexes.append(pattern_regex(old["pattern"]))
+
+    def is_shard_state(name: str) -> bool:
+        return name == MANIFEST_NAME or name in old_files or any(r.match(name) for r in regexes)
+
+    if vllm_config is not None:
+        info = engine_config_info(vllm_config)
+    else:
+        archs = getattr(getattr(model, "config", None), "architectures", None)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        info = {
+            "architecture": (archs or [type(model).__name__])[0],
+            "tensor_parallel_size": world,
+            "pipeline_parallel_size": 1,
+            "dtype": dtype_name(dtype or torch.get_default_dtype()),
+            "quantization": None,
+        }
+    manifest = {
+        "format": "vllm-sharded-state",
+        "format_version": FORMAT_VERSION,
+        **info,
+        "pattern": pattern,
+        "checksum": "crc32",
+        "files": dict(sorted(files.items(), key=lambda kv: (kv[1]["rank"], kv[1]["part"]))),
+        "tensors": tensors,
+    }
+    manifest_path = os.path.join(tmp, MANIFEST_NAME)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    sharded_state_dir.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
