@@ -7,8 +7,9 @@ import random
 import torch
 
 
-def random_prompts(num: int, vocab_size: int, min_len: int = 3, max_len: int = 24,
-                   seed: int = 0) -> list[list[int]]:
+def random_prompts(
+    num: int, vocab_size: int, min_len: int = 3, max_len: int = 24, seed: int = 0
+) -> list[list[int]]:
     """Token-id prompts of different lengths (ids 2.. avoid BOS/EOS of the test tokenizer)."""
     rng = random.Random(seed)
     lengths = [min_len + (i * (max_len - min_len)) // max(1, num - 1) for i in range(num)]
@@ -16,8 +17,12 @@ def random_prompts(num: int, vocab_size: int, min_len: int = 3, max_len: int = 2
     return [[rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
 
 
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
-              dtype: torch.dtype = torch.float32) -> tuple[list[list[int]], list[torch.Tensor]]:
+def hf_greedy(
+    model_dir: str,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens and the last step's log-probabilities from transformers, per prompt."""
     from transformers import AutoModelForCausalLM
 
@@ -30,10 +35,14 @@ def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int,
         for prompt in prompts:
             ids = torch.tensor([prompt])
             out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                do_sample=False, output_logits=True,
-                return_dict_in_generate=True, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
             )
-            tokens.append(out.sequences[0, len(prompt):].tolist())
+            tokens.append(out.sequences[0, len(prompt) :].tolist())
             last_logprobs.append(out.logits[-1][0].float().log_softmax(-1))
     return tokens, last_logprobs

@@ -50,12 +50,25 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=True),
     # Same code path as Llama, different checkpoint details (q/k/v biases, sliding window).
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512,
-                    sliding_window=None, tie_word_embeddings=False),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
 }
 
 # A ~100M-parameter Llama for the throughput benchmark and the demo.

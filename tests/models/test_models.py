@@ -72,8 +72,9 @@ def test_bfloat16_close_to_transformers(tmp_path):
     _, hf_lp = hf_greedy(path, prompts, 1, dtype=torch.bfloat16)
     llm = LLM(model=path, dtype="bfloat16")
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=5)
-    for out, ref_tok, ref_lp in zip(llm.generate(prompts, params, use_tqdm=False), hf_tokens,
-                                    hf_lp):
+    for out, ref_tok, ref_lp in zip(
+        llm.generate(prompts, params, use_tqdm=False), hf_tokens, hf_lp
+    ):
         comp = out.outputs[0]
         for token_id, lp in comp.logprobs[0].items():
             assert lp.logprob == pytest.approx(ref_lp[token_id].item(), abs=0.05)

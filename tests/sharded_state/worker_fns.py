@@ -7,11 +7,13 @@ import hashlib
 
 import torch
 
+from vllm.model_executor.model_loader.state_dict_utils import dense_state_dict
+
 
 def state_digest(worker) -> dict[str, tuple[str, tuple[int, ...], str]]:
     """name -> (dtype, shape, sha256 of the bytes) for every state_dict entry of this rank."""
     out = {}
-    for name, t in worker.model.state_dict().items():
+    for name, t in dense_state_dict(worker.model).items():
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         out[name] = (str(t.dtype), tuple(t.shape), hashlib.sha256(data.tobytes()).hexdigest())
     return out

@@ -8,6 +8,8 @@ This is the one place that knows how a tensor is sharded.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,38 @@ from vllm.model_executor.utils import (
     set_weight_attrs,
     weight_shape,
 )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``F.linear`` that also takes a weight packed by ``pack_linear_weight``."""
+    if weight.is_mkldnn:
+        out = torch.ops.mkldnn._linear_pointwise(
+            x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], ""
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, weight, bias)
+
+
+def pack_linear_weight(module: nn.Module) -> None:
+    """On the CPU, hold a float32 ``module.weight`` in oneDNN's blocked layout.
+
+    Small-batch GEMMs (decode steps) run about 2x faster on it than on a plain
+    row-major weight; upstream vLLM's CPU backend repacks the same way. ``state_dict()``
+    then yields an mkldnn tensor: savers use ``dense_state_dict``. Set
+    VLLM_CPU_ONEDNN_LINEAR=0 to keep plain weights.
+    """
+    w = module.weight
+    if (
+        w.device.type != "cpu"
+        or w.dtype != torch.float32
+        or w.is_mkldnn
+        or not torch.backends.mkldnn.is_available()
+        or os.environ.get("VLLM_CPU_ONEDNN_LINEAR", "1") == "0"
+    ):
+        return
+    packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach()), requires_grad=False)
+    packed.__dict__.update(w.__dict__)  # keep weight_loader, output_dim, ...
+    module.weight = packed
 
 
 def divide(numerator: int, denominator: int, what: str = "size") -> int:
@@ -62,6 +96,9 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def process_weights_after_loading(self) -> None:
+        pack_linear_weight(self)
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = True, params_dtype=None):
@@ -72,7 +109,7 @@ class ReplicatedLinear(LinearBase):
         copy_weight(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -102,7 +139,7 @@ class ColumnParallelLinear(LinearBase):
         copy_weight(param.data, narrow_weight(loaded_weight, 0, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -239,7 +276,7 @@ class RowParallelLinear(LinearBase):
         copy_weight(param.data, narrow_weight(loaded_weight, 1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:

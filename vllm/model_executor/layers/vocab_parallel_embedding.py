@@ -17,6 +17,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from vllm.model_executor.layers.linear import linear, pack_linear_weight
 from vllm.model_executor.utils import LoadedWeight, copy_weight, narrow_weight, set_weight_attrs
 
 DEFAULT_VOCAB_PADDING_SIZE = 64
@@ -98,7 +99,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> ParallelLMHead:
         self.weight = embed_tokens.weight
+        self.tied = True
         return self
+
+    def process_weights_after_loading(self) -> None:
+        # A tied weight is also the embedding table, which needs the plain layout.
+        if not getattr(self, "tied", False):
+            pack_linear_weight(self)
 
     def forward(self, input_):
         raise RuntimeError("LM head weights are used through LogitsProcessor, not called.")
@@ -113,7 +120,7 @@ class LogitsProcessor(nn.Module):
         self.scale = scale
 
     def forward(self, lm_head: ParallelLMHead, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, lm_head.weight, lm_head.bias)
+        logits = linear(hidden_states, lm_head.weight, lm_head.bias)
         logits = tensor_model_parallel_all_gather(logits, dim=-1)
         logits = logits[..., : self.vocab_size].float()
         if self.scale != 1.0:

@@ -106,8 +106,19 @@ def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
     return DefaultModelLoader(load_config)
 
 
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let layers convert loaded weights to their run-time form (e.g. oneDNN packing)."""
+    for module in model.modules():
+        hook = getattr(module, "process_weights_after_loading", None)
+        if hook is not None:
+            hook()
+
+
 def get_model(vllm_config: VllmConfig) -> nn.Module:
-    return get_model_loader(vllm_config.load_config).load_model(vllm_config)
+    model = get_model_loader(vllm_config.load_config).load_model(vllm_config)
+    with torch.no_grad():
+        process_weights_after_loading(model)
+    return model
 
 
 def __getattr__(name: str):

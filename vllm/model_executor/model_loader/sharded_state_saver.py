@@ -44,6 +44,7 @@ from vllm.model_executor.model_loader.sharded_state_format import (
 )
 from vllm.model_executor.model_loader.state_dict_utils import (
     INITIAL_STATE_ATTR,
+    dense_state_dict,
     filter_subtensors,
     state_schema,
 )
@@ -233,7 +234,7 @@ def _save_rank(
     vllm_config: VllmConfig | None,
 ) -> dict[str, Any]:
     """Write this rank's files into ``tmp`` and check they hold what loading asks for."""
-    state = filter_subtensors(model.state_dict())
+    state = filter_subtensors(dense_state_dict(model))
     files: dict[str, dict[str, Any]] = {}
     for part, items in enumerate(_split_parts(state, max_size)):
         name = pattern.format(rank=rank, part=part)
