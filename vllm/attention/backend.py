@@ -103,8 +103,8 @@ def paged_attention(
                 qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
             )
         else:
-            ks = k_cache[p.kv_slots].transpose(0, 1)[None]  # [1, Hkv, total, D]
-            vs = v_cache[p.kv_slots].transpose(0, 1)[None]
+            ks = k_cache.index_select(0, p.kv_slots).transpose(0, 1)[None]  # [1, Hkv, total, D]
+            vs = v_cache.index_select(0, p.kv_slots).transpose(0, 1)[None]
             total = p.num_cached + p.num_tokens
             mask = torch.ones(p.num_tokens, total, dtype=torch.bool, device=q.device)
             mask = mask.tril(diagonal=p.num_cached)
@@ -114,8 +114,12 @@ def paged_attention(
         out[p.start : p.start + p.num_tokens] = o[0].transpose(0, 1)
     if meta.decode_token_idx is not None:
         qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, Hq, 1, D]
-        kd = k_cache[meta.decode_kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_kv_slots].transpose(1, 2)
+        # index_select on the flat slot list copies whole rows: several times faster on
+        # the CPU than advanced indexing with a 2-D index.
+        b, length = meta.decode_kv_slots.shape
+        flat = meta.decode_kv_slots.view(-1)
+        kd = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)
+        vd = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )
