@@ -17,17 +17,19 @@ _CORPUS = (
     "a model that generated text one token at a time, 0123456789."
 )
 
+# Llama, Qwen2 and Mistral share one code path; their cases differ in KV heads and details.
+_LLAMA_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
 # Tiny, fast shapes per architecture; each config exercises that family's quirks.
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
+    "llama": dict(_LLAMA_SHAPE, num_key_value_heads=2),
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
     "gpt_neox": dict(
         hidden_size=64,
@@ -50,25 +52,8 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "gpt_bigcode": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=True),
     # Same code path as Llama, different checkpoint details (q/k/v biases, sliding window).
-    "qwen2": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    ),
-    "mistral": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=512,
-        sliding_window=None,
-        tie_word_embeddings=False,
-    ),
+    "qwen2": dict(_LLAMA_SHAPE, num_key_value_heads=2),
+    "mistral": dict(_LLAMA_SHAPE, num_key_value_heads=1, sliding_window=None),
 }
 
 # A ~100M-parameter Llama for the throughput benchmark and the demo.
