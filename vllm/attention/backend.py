@@ -92,7 +92,7 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if meta.prefills else q
     for p in meta.prefills:
         # 4-D inputs: with 3-D ones SDPA on the CPU falls back to its slow math kernel.
         qs = q[p.start : p.start + p.num_tokens].transpose(0, 1)[None]  # [1, Hq, n, D]
@@ -113,7 +113,9 @@ def paged_attention(
             )
         out[p.start : p.start + p.num_tokens] = o[0].transpose(0, 1)
     if meta.decode_token_idx is not None:
-        qd = q[meta.decode_token_idx].unsqueeze(2)  # [B, Hq, 1, D]
+        # An all-decode batch holds one token per sequence in batch order: no gather.
+        decode_only = not meta.prefills
+        qd = (q if decode_only else q[meta.decode_token_idx]).unsqueeze(2)  # [B, Hq, 1, D]
         # index_select on the flat slot list copies whole rows: several times faster on
         # the CPU than advanced indexing with a 2-D index.
         b, length = meta.decode_kv_slots.shape
@@ -123,5 +125,7 @@ def paged_attention(
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
         )
+        if decode_only:
+            return o.squeeze(2)
         out[meta.decode_token_idx] = o.squeeze(2)
     return out
