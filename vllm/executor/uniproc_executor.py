@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vllm.executor.executor_base import ExecutorBase
@@ -16,15 +17,15 @@ class UniProcExecutor(ExecutorBase):
 
     def collective_rpc(
         self,
-        method: str,
+        method: str | Callable,
         timeout: float | None = None,
         args: tuple = (),
         kwargs: dict[str, Any] | None = None,
     ) -> list[Any]:
-        fn = method if callable(method) else getattr(self.driver_worker, method)
+        """A method name runs ``worker.<method>(...)``; a function runs ``fn(worker, ...)``."""
         if callable(method):
-            return [fn(self.driver_worker, *args, **(kwargs or {}))]
-        return [fn(*args, **(kwargs or {}))]
+            return [method(self.driver_worker, *args, **(kwargs or {}))]
+        return [getattr(self.driver_worker, method)(*args, **(kwargs or {}))]
 
     def shutdown(self) -> None:
         self.driver_worker = None
