@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-# A checkpoint tensor: a real tensor, or a lazy safetensors slice (``safe_open.get_slice``)
-# that reads from disk only the rows a rank asks for.
+# A checkpoint tensor: a real tensor, or a lazy slice (``safetensors_io.TensorSlice``, or
+# safetensors' ``get_slice``) that reads from disk only the part a rank asks for.
 LoadedWeight = Any
 
 
@@ -36,7 +36,7 @@ def weight_shape(w: LoadedWeight) -> tuple[int, ...]:
 
 def narrow_weight(w: LoadedWeight, dim: int, start: int, length: int) -> LoadedWeight:
     """``w.narrow(dim, start, length)`` that reads only that range from a lazy slice."""
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, torch.Tensor) or hasattr(w, "narrow"):
         return w.narrow(dim, start, length)
     index = [slice(None)] * len(weight_shape(w))
     index[dim] = slice(start, start + length)
@@ -59,7 +59,11 @@ def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
             f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
             f"the model expects {tuple(dst.shape)}."
         )
-    dst.copy_(materialize(w))
+    direct = dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == w.dtype
+    if direct and hasattr(w, "read_into"):
+        w.read_into(dst)  # straight from the file into the parameter
+    else:
+        dst.copy_(materialize(w))
 
 
 def default_weight_loader(param: torch.Tensor, loaded_weight: LoadedWeight) -> None:

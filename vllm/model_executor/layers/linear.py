@@ -39,22 +39,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def onednn_packing_enabled(dtype: torch.dtype, device: str | torch.device) -> bool:
+    """Whether ``pack_linear_weight`` repacks linear weights of this dtype and device."""
+    return (
+        torch.device(device).type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("VLLM_CPU_ONEDNN_LINEAR", "1") != "0"
+    )
+
+
 def pack_linear_weight(module: nn.Module) -> None:
     """On the CPU, hold a float32 ``module.weight`` in oneDNN's blocked layout.
 
     Small-batch GEMMs (decode steps) run about 2x faster on it than on a plain
     row-major weight; upstream vLLM's CPU backend repacks the same way. ``state_dict()``
-    then yields an mkldnn tensor: savers use ``dense_state_dict``. Set
-    VLLM_CPU_ONEDNN_LINEAR=0 to keep plain weights.
+    then yields an mkldnn tensor, which the sharded-state saver writes as a plain
+    tensor. Set VLLM_CPU_ONEDNN_LINEAR=0 to keep plain weights.
     """
     w = module.weight
-    if (
-        w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or w.is_mkldnn
-        or not torch.backends.mkldnn.is_available()
-        or os.environ.get("VLLM_CPU_ONEDNN_LINEAR", "1") == "0"
-    ):
+    if w.is_mkldnn or not onednn_packing_enabled(w.dtype, w.device.type):
         return
     packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach()), requires_grad=False)
     packed.__dict__.update(w.__dict__)  # keep weight_loader, output_dim, ...

@@ -11,6 +11,7 @@ from torch import nn
 
 from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.model_loader.safetensors_io import ReadStats
 from vllm.model_executor.model_loader.state_dict_utils import record_initial_state
 from vllm.model_executor.model_loader.weight_utils import (
     find_weight_files,
@@ -41,6 +42,19 @@ def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Modu
     return model
 
 
+def log_weights_loaded(start: float, nbytes: int) -> float:
+    """Upstream's "Loading weights took" line, with the bytes read and the rate; returns
+    the seconds since ``start`` (a ``time.perf_counter()`` taken before opening files)."""
+    seconds = time.perf_counter() - start
+    logger.info(
+        "Loading weights took %.2f seconds, read %.2f GB at %.2f GB/s",
+        seconds,
+        nbytes / 1e9,
+        nbytes / 1e9 / max(seconds, 1e-9),
+    )
+    return seconds
+
+
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:
@@ -55,7 +69,8 @@ class BaseModelLoader(ABC):
         self.load_config = load_config
 
     @abstractmethod
-    def load_model(self, vllm_config: VllmConfig) -> nn.Module: ...
+    def load_model(self, vllm_config: VllmConfig) -> nn.Module:
+        """Build the model for this rank and fill it."""
 
 
 class DefaultModelLoader(BaseModelLoader):
@@ -71,16 +86,21 @@ class DefaultModelLoader(BaseModelLoader):
             )
 
     def load_model(self, vllm_config: VllmConfig) -> nn.Module:
-        model_config = vllm_config.model_config
-        model = initialize_model(model_config, vllm_config.device_config.torch_device)
-        files, use_safetensors = find_weight_files(model_config.model, self.load_config.load_format)
-        weights = (safetensors_weights_iterator if use_safetensors else pt_weights_iterator)(files)
-        start = time.perf_counter()
-        with torch.no_grad():
-            loaded = model.load_weights(weights)
-        check_all_loaded(model, loaded)
-        logger.info("Loading weights took %.2f seconds", time.perf_counter() - start)
+        model = initialize_model(vllm_config.model_config, vllm_config.device_config.torch_device)
+        self.load_weights(model, vllm_config)
         return model
+
+    def load_weights(self, model: nn.Module, vllm_config: VllmConfig) -> None:
+        """Fill ``model``'s parameters (this rank's slices) from the checkpoint."""
+        start = time.perf_counter()
+        model_dir = vllm_config.model_config.model
+        files, use_safetensors = find_weight_files(model_dir, self.load_config.load_format)
+        iterate = safetensors_weights_iterator if use_safetensors else pt_weights_iterator
+        stats = ReadStats()
+        with torch.no_grad():
+            loaded = model.load_weights(iterate(files, stats))
+        check_all_loaded(model, loaded)
+        log_weights_loaded(start, stats.bytes_read)
 
 
 class DummyModelLoader(BaseModelLoader):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import torch
 from torch import nn
@@ -20,14 +18,20 @@ from torch import nn
 from vllm.config import LoadConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import onednn_packing_enabled
 from vllm.model_executor.model_loader import sharded_state_dir
-from vllm.model_executor.model_loader.loader import BaseModelLoader, initialize_model
+from vllm.model_executor.model_loader.loader import (
+    BaseModelLoader,
+    initialize_model,
+    log_weights_loaded,
+)
+from vllm.model_executor.model_loader.parallel_reader import ParallelReader
 from vllm.model_executor.model_loader.safetensors_io import (
     FileHeader,
     ShardFileError,
     dtype_name,
+    map_file,
     read_header,
-    read_into,
 )
 from vllm.model_executor.model_loader.sharded_state_format import (
     DEFAULT_PATTERN,
@@ -41,22 +45,24 @@ from vllm.model_executor.model_loader.sharded_state_format import (
     validate_pattern,
 )
 from vllm.model_executor.model_loader.sharded_state_saver import save_sharded_state
-from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors
+from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors, storage_id
 
 __all__ = ["DEFAULT_PATTERN", "MANIFEST_NAME", "ShardedStateLoader"]
 
 logger = init_logger(__name__)
 
-_EXTRA_CONFIG_KEYS = ("pattern", "verify")
-_MAX_READER_THREADS = 8
+_EXTRA_CONFIG_KEYS = ("pattern", "verify", "mmap")
 
 
 class ShardedStateLoader(BaseModelLoader):
     """Load each rank's slice from its own files; ``save_model`` writes them.
 
     ``model_loader_extra_config`` keys: ``pattern`` (file name pattern with ``{rank}`` and
-    ``{part}``; default: the manifest's, else ``DEFAULT_PATTERN``) and ``verify`` (true:
-    check every file's CRC-32 against the manifest; sizes are always checked).
+    ``{part}``; default: the manifest's, else ``DEFAULT_PATTERN``), ``verify`` (true:
+    check every file's CRC-32 against the manifest; sizes are always checked) and
+    ``mmap`` (true: on the CPU, parameters map the files' pages instead of copies of
+    them; default: true on the CPU unless the weights are repacked after loading, and
+    never with ``verify``).
     """
 
     DEFAULT_PATTERN = DEFAULT_PATTERN
@@ -69,7 +75,8 @@ class ShardedStateLoader(BaseModelLoader):
             raise ValueError(
                 f"Unknown model_loader_extra_config key(s) for load_format='sharded_state': "
                 f"{', '.join(map(repr, unknown))}. Supported: 'pattern' (file name pattern "
-                "with {rank} and {part}) and 'verify' (true: check file checksums)."
+                "with {rank} and {part}), 'verify' (true: check file checksums) and 'mmap' "
+                "(true/false: map the files instead of reading them, CPU only)."
             )
         pattern = extra.get("pattern")
         self.pattern: str | None = None if pattern is None else validate_pattern(pattern)
@@ -79,6 +86,17 @@ class ShardedStateLoader(BaseModelLoader):
                 f"model_loader_extra_config 'verify' must be true or false, got {verify!r}."
             )
         self.verify = verify
+        use_mmap = extra.get("mmap")
+        if use_mmap is not None and not isinstance(use_mmap, bool):
+            raise ValueError(
+                f"model_loader_extra_config 'mmap' must be true or false, got {use_mmap!r}."
+            )
+        if use_mmap and verify:
+            raise ValueError(
+                "model_loader_extra_config 'mmap' and 'verify' exclude each other: checking "
+                "checksums reads the files. Leave one out."
+            )
+        self.mmap: bool | None = use_mmap
 
     @staticmethod
     def _filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,19 +104,38 @@ class ShardedStateLoader(BaseModelLoader):
         return filter_subtensors(tensors)
 
     def load_model(self, vllm_config: VllmConfig) -> nn.Module:
-        model_config = vllm_config.model_config
-        model_dir = model_config.model
-        rank = get_tensor_model_parallel_rank()
-        files = self._rank_files(vllm_config, model_dir, rank)
-        model = initialize_model(model_config, vllm_config.device_config.torch_device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            targets = self._filter_subtensors(model.state_dict())
-            headers = [read_header(path) for path, _ in files]
-            _check_headers(headers, targets, rank, vllm_config)
-            _read_files(headers, targets, dict(files) if self.verify else None)
-        logger.info("Loading weights took %.2f seconds", time.perf_counter() - start)
+        model = initialize_model(vllm_config.model_config, vllm_config.device_config.torch_device)
+        self.load_weights(model, vllm_config)
         return model.eval()
+
+    def load_weights(self, model: nn.Module, vllm_config: VllmConfig) -> None:
+        """Fill ``model`` from this rank's files: headers checked against the model first,
+        then the files read with several threads straight into the parameters."""
+        start = time.perf_counter()
+        rank = get_tensor_model_parallel_rank()
+        files = self._rank_files(vllm_config, vllm_config.model_config.model, rank)
+        state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
+        targets = self._filter_subtensors(state)
+        headers = [read_header(path) for path, _ in files]
+        _check_headers(headers, targets, rank, vllm_config)
+        crcs = [crc for _, crc in files] if self.verify else None
+        if crcs is not None and all(crc is None for crc in crcs):
+            logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
+        nbytes = sum(h.data_start for h in headers)
+        with torch.no_grad():
+            if self._use_mmap(vllm_config):
+                nbytes += _map_files(headers, targets, state)
+            nbytes += ParallelReader().read(headers, targets, crcs)
+        log_weights_loaded(start, nbytes)
+
+    def _use_mmap(self, vllm_config: VllmConfig) -> bool:
+        if vllm_config.device_config.torch_device.type != "cpu" or self.verify:
+            return False
+        if self.mmap is not None:
+            return self.mmap
+        # Weights repacked after loading would keep the mapped pages alive next to
+        # their packed copies: read those instead.
+        return not onednn_packing_enabled(vllm_config.model_config.dtype, "cpu")
 
     def _rank_files(
         self, vllm_config: VllmConfig, model_dir: str, rank: int
@@ -231,27 +268,23 @@ def _check_headers(
         )
 
 
-def _read_files(
-    headers: list[FileHeader], targets: dict[str, torch.Tensor], crcs: dict[str, Any] | None
-) -> None:
-    """Read every file into ``targets``, several files at once; check CRC-32s if given."""
-
-    def read_one(header: FileHeader) -> None:
-        expected = None if crcs is None else crcs.get(header.path)
-        crc = read_into(header, targets, checksum=expected is not None)
-        if expected is not None and crc != expected:
-            raise ShardFileError(
-                f"Checksum mismatch for {header.path}: CRC-32 {crc:08x}, {MANIFEST_NAME} "
-                f"records {expected:08x}. The file is corrupt; save the checkpoint again."
-            )
-
-    if crcs is not None and all(v is None for v in crcs.values()):
-        logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
-    threads = min(len(headers), _MAX_READER_THREADS)
-    if threads <= 1:
-        for header in headers:
-            read_one(header)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="shard-reader") as pool:
-        for future in [pool.submit(read_one, h) for h in headers]:
-            future.result()
+def _map_files(
+    headers: list[FileHeader], targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> int:
+    """Point every CPU tensor of ``targets`` that owns its memory alone at the mapped file
+    (``map_file``) and drop it from ``targets``; returns the bytes mapped. The rest (a
+    tensor another one aliases, a misaligned one) stays in ``targets`` to be read."""
+    owners: dict[tuple, set[int]] = {}
+    for t in state.values():
+        if not t.is_mkldnn:
+            owners.setdefault(storage_id(t), set()).add(id(t))
+    nbytes = 0
+    for header in headers:
+        for name, mapped in map_file(header).items():
+            t = targets[name]
+            if t.device.type != "cpu" or not t.is_contiguous() or len(owners[storage_id(t)]) > 1:
+                continue
+            t.data = mapped
+            del targets[name]
+            nbytes += mapped.nbytes
+    return nbytes

@@ -44,7 +44,6 @@ from vllm.model_executor.model_loader.sharded_state_format import (
 )
 from vllm.model_executor.model_loader.state_dict_utils import (
     INITIAL_STATE_ATTR,
-    dense_state_dict,
     filter_subtensors,
     state_schema,
 )
@@ -234,7 +233,9 @@ def _save_rank(
     vllm_config: VllmConfig | None,
 ) -> dict[str, Any]:
     """Write this rank's files into ``tmp`` and check they hold what loading asks for."""
-    state = filter_subtensors(dense_state_dict(model))
+    # Weights packed for the CPU (mkldnn) stay packed here: write_file turns each back
+    # into a plain tensor just before writing it, so no dense copy of the model is held.
+    state = filter_subtensors(model.state_dict())
     files: dict[str, dict[str, Any]] = {}
     for part, items in enumerate(_split_parts(state, max_size)):
         name = pattern.format(rank=rank, part=part)

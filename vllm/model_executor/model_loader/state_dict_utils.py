@@ -15,7 +15,7 @@ from torch import nn
 INITIAL_STATE_ATTR = "_initial_state_schema"
 
 
-def _storage_id(t: torch.Tensor) -> tuple:
+def storage_id(t: torch.Tensor) -> tuple:
     storage = t.untyped_storage()
     if t.device.type == "meta":  # every meta storage has data_ptr 0: tell them apart by identity
         return (t.device, storage._cdata)
@@ -40,8 +40,10 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """
     groups: dict[tuple, list[tuple[str, torch.Tensor, int, int]]] = defaultdict(list)
     for key, t in tensors.items():
-        if t.numel():
-            groups[_storage_id(t)].append((key, t, *_byte_span(t)))
+        if t.is_mkldnn:  # a weight packed for the CPU owns its (opaque) memory
+            groups[("mkldnn", id(t))].append((key, t, 0, 0))
+        elif t.numel():
+            groups[storage_id(t)].append((key, t, *_byte_span(t)))
     kept: set[str] = set()
     for group in groups.values():
         for key, t, a, b in group:
@@ -57,13 +59,13 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with weights packed for the CPU (mkldnn) turned back to plain
-    tensors: what a checkpoint holds and what loading fills, whatever the run-time layout."""
+    tensors, all at once (tests; the saver converts one tensor at a time as it writes)."""
     return {k: t.to_dense() if t.is_mkldnn else t for k, t in model.state_dict().items()}
 
 
 def state_schema(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every distinct tensor of ``model.state_dict()``."""
-    state = filter_subtensors(dense_state_dict(model))
+    state = filter_subtensors(model.state_dict())
     return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
 
 

@@ -8,8 +8,8 @@ import os
 from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
 
+from vllm.model_executor.model_loader.safetensors_io import ReadStats, SafetensorsFile
 from vllm.model_executor.utils import LoadedWeight
 
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -48,17 +48,25 @@ def _filter_by_index(model_dir: str, files: list[str]) -> list[str]:
     return files
 
 
-def safetensors_weights_iterator(files: list[str]) -> Iterator[tuple[str, LoadedWeight]]:
-    """Yield (name, lazy slice): a rank reads only the rows its weight_loader asks for."""
+def safetensors_weights_iterator(
+    files: list[str], stats: ReadStats | None = None
+) -> Iterator[tuple[str, LoadedWeight]]:
+    """Yield (name, lazy slice): a rank reads only the part its weight_loader asks for,
+    straight into the parameter; ``stats`` counts the bytes read."""
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with SafetensorsFile(path, stats) as f:
             for name in f.keys():
                 yield name, f.get_slice(name)
 
 
-def pt_weights_iterator(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield tensors of .bin/.pt files; ``weights_only`` so a checkpoint never runs code."""
+def pt_weights_iterator(
+    files: list[str], stats: ReadStats | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield tensors of .bin/.pt files; ``weights_only`` so a checkpoint never runs code.
+    The files are memory-mapped; ``stats`` counts their sizes."""
     for path in files:
+        if stats is not None:
+            stats.bytes_read += os.path.getsize(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(state, dict):
             raise ValueError(f"{path!r} does not hold a state dict (got {type(state).__name__}).")

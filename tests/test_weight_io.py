@@ -1,0 +1,448 @@
+"""Direct safetensors I/O: the parallel whole-file reader, lazy slices, and the default
+loader's "Loading weights took" line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zlib
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vllm.model_executor.model_loader import loader as loader_module
+from vllm.model_executor.model_loader import parallel_reader
+from vllm.model_executor.model_loader.parallel_reader import (
+    ParallelReader,
+    default_num_threads,
+)
+from vllm.model_executor.model_loader.safetensors_io import (
+    ReadStats,
+    SafetensorsFile,
+    ShardFileError,
+    file_crc32,
+    read_header,
+    write_file,
+)
+from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def _mixed_tensors(prefix: str, seed: int) -> dict[str, torch.Tensor]:
+    """Tensors of every common dtype, odd sizes, a 0-d scalar and an empty tensor."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{prefix}.bf16": torch.randn(13, 7, generator=g).to(torch.bfloat16),
+        f"{prefix}.fp16": torch.randn(5, 3, 11, generator=g).to(torch.float16),
+        f"{prefix}.fp32": torch.randn(37, 5, generator=g),
+        f"{prefix}.i64": torch.randint(-(2**40), 2**40, (29,), generator=g),
+        f"{prefix}.bool": torch.rand(3, 17, generator=g) > 0.5,
+        f"{prefix}.scalar": torch.tensor(float(seed) + 0.25),
+        f"{prefix}.empty": torch.empty(0, 4),
+        f"{prefix}.u8": torch.randint(0, 256, (9,), dtype=torch.uint8, generator=g),
+    }
+
+
+def _write(tmp_path, name: str, tensors: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+    path = str(tmp_path / name)
+    size, crc = write_file(path, tensors.items())
+    return path, size, crc
+
+
+def _targets_for(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Destinations of the right shapes and dtypes, filled so that a tensor left unread
+    does not compare equal (NaN for floats)."""
+    return {
+        k: torch.full_like(v, float("nan") if v.is_floating_point() else 0)
+        for k, v in tensors.items()
+    }
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype, k
+        assert got[k].shape == v.shape, k
+        assert torch.equal(got[k], v), k
+
+
+def _data_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+# ---------------------------------------------------------------------------------------
+# ParallelReader
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("window", [64, 100, 16 << 20])
+@pytest.mark.parametrize("verify", [False, True])
+def test_parallel_read_many_files_mixed_dtypes(tmp_path, monkeypatch, threads, window, verify):
+    """Several files, tensors split across windows and threads, load bit-exactly."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", window)
+    originals, headers, sizes, crcs = {}, [], [], []
+    for i in range(3):
+        tensors = _mixed_tensors(f"f{i}", seed=i)
+        path, size, crc = _write(tmp_path, f"f{i}.safetensors", tensors)
+        originals.update(tensors)
+        headers.append(read_header(path))
+        sizes.append(size)
+        crcs.append(crc)
+    targets = _targets_for(originals)
+    nbytes = ParallelReader(threads).read(headers, targets, crcs if verify else None)
+    _assert_same(targets, originals)
+    if verify:
+        assert nbytes == sum(sizes) == sum(os.path.getsize(h.path) for h in headers)
+    else:
+        assert nbytes == _data_bytes(originals)
+
+
+def test_parallel_read_bytes_read_mixed_verification(tmp_path, monkeypatch):
+    """A verified file is read whole; an unverified one only its tensor data."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    a, b = _mixed_tensors("a", 1), _mixed_tensors("b", 2)
+    pa, size_a, crc_a = _write(tmp_path, "a.safetensors", a)
+    pb, _, _ = _write(tmp_path, "b.safetensors", b)
+    targets = _targets_for({**a, **b})
+    nbytes = ParallelReader(2).read([read_header(pa), read_header(pb)], targets, [crc_a, None])
+    _assert_same(targets, {**a, **b})
+    assert nbytes == size_a + _data_bytes(b)
+
+
+def test_parallel_read_more_tensors_than_iov_max(tmp_path):
+    """Thousands of tiny tensors in one window (more than one preadv call can take)."""
+    tensors = {f"t{i:05d}": torch.tensor([i, -i], dtype=torch.int32) for i in range(2500)}
+    path, size, crc = _write(tmp_path, "many.safetensors", tensors)
+    targets = _targets_for(tensors)
+    assert ParallelReader(2).read([read_header(path)], targets, [crc]) == size
+    _assert_same(targets, tensors)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_read_into_non_contiguous_destination(tmp_path, monkeypatch, threads):
+    """A transposed destination gets the checkpoint's values in its logical layout."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", 16)
+    src = {"w": torch.arange(12, dtype=torch.float32).reshape(4, 3), "v": torch.arange(5.0)}
+    path, _, crc = _write(tmp_path, "nc.safetensors", src)
+    dst = torch.empty(3, 4).t()
+    assert not dst.is_contiguous()
+    v = torch.zeros(5)
+    ParallelReader(threads).read([read_header(path)], {"w": dst, "v": v}, [crc])
+    assert torch.equal(dst, src["w"])
+    assert torch.equal(v, src["v"])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_read_flipped_byte_fails_checksum(tmp_path, monkeypatch, threads):
+    """A corrupted data byte is reported with the path; without CRCs the file still loads."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    tensors = _mixed_tensors("x", 3)
+    good, _, good_crc = _write(tmp_path, "good.safetensors", tensors)
+    other = _mixed_tensors("y", 4)
+    path, _, crc = _write(tmp_path, "bad.safetensors", other)
+    header = read_header(path)
+    _flip_byte(path, header.data_start + (header.size - header.data_start) // 2)
+    headers = [read_header(good), read_header(path)]
+    with pytest.raises(ShardFileError, match="Checksum mismatch") as info:
+        ParallelReader(threads).read(headers, _targets_for({**tensors, **other}), [good_crc, crc])
+    assert path in str(info.value)
+    assert good not in str(info.value)
+    # Without checksums nothing notices: the file loads, with one value changed.
+    targets = _targets_for({**tensors, **other})
+    ParallelReader(threads).read(headers, targets)
+    _assert_same({k: targets[k] for k in tensors}, tensors)
+    assert any(not torch.equal(targets[k], v) for k, v in other.items())
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_parallel_read_file_truncated_after_header(tmp_path, monkeypatch, verify):
+    """A file cut short between read_header and read is named, not read as zeros."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    tensors = _mixed_tensors("t", 5)
+    path, _, crc = _write(tmp_path, "trunc.safetensors", tensors)
+    header = read_header(path)
+    os.truncate(path, header.size - 50)
+    with pytest.raises(ShardFileError) as info:
+        ParallelReader(3).read([header], _targets_for(tensors), [crc] if verify else None)
+    assert path in str(info.value)
+
+
+def test_parallel_read_missing_file_is_named(tmp_path):
+    tensors = {"a": torch.ones(3)}
+    path, _, _ = _write(tmp_path, "gone.safetensors", tensors)
+    header = read_header(path)
+    os.remove(path)
+    with pytest.raises(ShardFileError, match=re.escape(path)):
+        ParallelReader(2).read([header], _targets_for(tensors))
+
+
+def test_default_num_threads_env(monkeypatch):
+    monkeypatch.setenv("VLLM_LOAD_THREADS", "5")
+    assert default_num_threads() == 5
+    assert ParallelReader().num_threads == 5
+    monkeypatch.delenv("VLLM_LOAD_THREADS")
+    assert 1 <= default_num_threads() <= 8
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-2"])
+def test_default_num_threads_rejects_bad_values(monkeypatch, value):
+    monkeypatch.setenv("VLLM_LOAD_THREADS", value)
+    with pytest.raises(ValueError, match=re.escape(repr(value))):
+        default_num_threads()
+
+
+# ---------------------------------------------------------------------------------------
+# SafetensorsFile / TensorSlice
+
+
+SHAPES = [(10,), (6, 7), (4, 5, 6)]
+
+
+def _ranges(n: int) -> list[tuple[int, int]]:
+    """(start, length) pairs: whole, first, last, middle, empty."""
+    return sorted({(0, n), (0, 1), (n - 1, 1), (1, n - 2), (n // 2, 0), (2, 2)})
+
+
+@pytest.fixture()
+def nd_file(tmp_path):
+    tensors = {
+        f"t{len(s)}": torch.randn(*s, generator=torch.Generator().manual_seed(len(s)))
+        for s in SHAPES
+    }
+    tensors["half"] = torch.randn(6, 7).to(torch.bfloat16)
+    path, _, _ = _write(tmp_path, "nd.safetensors", tensors)
+    return path, tensors
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
+def test_narrow_each_dim_reads_only_the_slice(nd_file, shape):
+    """narrow + read_into / [:] equals torch.narrow and reads exactly the slice's bytes."""
+    path, tensors = nd_file
+    name = f"t{len(shape)}"
+    want_full = tensors[name]
+    stats = ReadStats()
+    with SafetensorsFile(path, stats) as f:
+        sl = f.get_slice(name)
+        assert sl.get_shape() == list(shape)
+        assert sl.dtype == torch.float32
+        for dim, n in enumerate(shape):
+            for start, length in _ranges(n):
+                want = want_full.narrow(dim, start, length)
+                view = sl.narrow(dim, start, length)
+                assert view.get_shape() == list(want.shape)
+                before = stats.bytes_read
+                out = torch.full(want.shape, float("nan"))
+                view.read_into(out)
+                assert torch.equal(out, want), (dim, start, length)
+                assert stats.bytes_read - before == want.numel() * 4
+                before = stats.bytes_read
+                got = view[:]
+                assert torch.equal(got, want)
+                assert stats.bytes_read - before == want.numel() * 4
+
+
+def test_chained_narrows(nd_file):
+    """Narrows compose like torch.narrow, incl. two narrows of the same dim."""
+    path, tensors = nd_file
+    t = tensors["t3"]
+    stats = ReadStats()
+    with SafetensorsFile(path, stats) as f:
+        sl = f.get_slice("t3")
+        chains = [
+            [(0, 1, 2), (2, 3, 2)],
+            [(1, 1, 3), (0, 2, 2), (2, 0, 5)],
+            [(2, 1, 4), (2, 1, 2)],
+            [(0, 0, 4), (1, 0, 5), (2, 0, 6)],
+            [(1, 2, 2), (1, 1, 1), (0, 3, 1)],
+        ]
+        for chain in chains:
+            view, want = sl, t
+            for dim, start, length in chain:
+                view, want = view.narrow(dim, start, length), want.narrow(dim, start, length)
+            before = stats.bytes_read
+            out = torch.empty(want.shape)
+            view.read_into(out)
+            assert torch.equal(out, want), chain
+            assert stats.bytes_read - before == want.numel() * 4
+
+
+def test_indexing_matches_torch(nd_file):
+    path, tensors = nd_file
+    t, h = tensors["t3"], tensors["half"]
+    with SafetensorsFile(path) as f:
+        sl = f.get_slice("t3")
+        assert torch.equal(sl[...], t)
+        assert torch.equal(sl[1:3], t[1:3])
+        assert torch.equal(sl[:, 2:], t[:, 2:])
+        assert torch.equal(sl[1:3, -3:-1, 2:5], t[1:3, -3:-1, 2:5])
+        assert torch.equal(sl[:, :, 4:100], t[:, :, 4:100])
+        assert sl[3:1].shape == (0, 5, 6)
+        hs = f.get_slice("half")
+        assert hs.dtype == torch.bfloat16
+        got = hs[:, 3:5]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, h[:, 3:5])
+        with pytest.raises(TypeError):
+            sl[::2]
+
+
+def test_scalar_empty_and_bool(tmp_path):
+    tensors = {
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "empty": torch.empty(0, 3),
+        "mask": torch.tensor([[True, False, True], [False, False, True]]),
+        "ids": torch.tensor([1, 2**40, -3]),
+    }
+    path, _, _ = _write(tmp_path, "misc.safetensors", tensors)
+    stats = ReadStats()
+    with SafetensorsFile(path, stats) as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        s = f.get_slice("scalar")
+        assert s.get_shape() == []
+        assert torch.equal(s[()], tensors["scalar"])
+        assert f.get_slice("empty")[:].shape == (0, 3)
+        assert torch.equal(f.get_slice("mask")[:, 1:], tensors["mask"][:, 1:])
+        assert torch.equal(f.get_slice("ids").narrow(0, 1, 2)[:], tensors["ids"][1:])
+    assert stats.bytes_read == 2 + 0 + 4 + 16
+
+
+def test_out_of_range_narrow_raises_index_error(nd_file):
+    path, _ = nd_file
+    with SafetensorsFile(path) as f:
+        sl = f.get_slice("t2")  # (6, 7)
+        for args in [(0, 5, 2), (1, 0, 8), (0, -1, 2), (1, 2, -1), (0, 7, 0)]:
+            with pytest.raises(IndexError, match="t2"):
+                sl.narrow(*args)
+        # Relative to the narrowed view, not the whole tensor.
+        with pytest.raises(IndexError):
+            sl.narrow(1, 2, 4).narrow(1, 1, 4)
+        assert sl.narrow(1, 2, 4).narrow(1, 1, 3).get_shape() == [6, 3]
+
+
+def test_read_into_rejects_wrong_destination(nd_file):
+    path, _ = nd_file
+    with SafetensorsFile(path) as f:
+        sl = f.get_slice("t2").narrow(0, 1, 3)  # (3, 7) float32
+        with pytest.raises(ValueError):
+            sl.read_into(torch.empty(3, 7, dtype=torch.float64))
+        with pytest.raises(ValueError):
+            sl.read_into(torch.empty(6, 7))
+        with pytest.raises(ValueError):
+            sl.read_into(torch.empty(7, 3).t())  # right shape, not contiguous
+        dst = torch.empty(3, 7)
+        sl.read_into(dst)  # the right one works
+
+
+def test_written_files_are_standard_safetensors(tmp_path):
+    """Files from write_file open with safetensors.safe_open, slices included."""
+    tensors = _mixed_tensors("m", 7)
+    path, size, crc = _write(tmp_path, "std.safetensors", tensors)
+    assert size == os.path.getsize(path)
+    with open(path, "rb") as f:
+        assert crc == zlib.crc32(f.read())
+    with safe_open(path, framework="pt", device="cpu") as f:
+        assert set(f.keys()) == set(tensors)
+        assert f.metadata().get("format") == "pt"
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+        assert torch.equal(f.get_slice("m.fp32")[3:9, 1:4], tensors["m.fp32"][3:9, 1:4])
+
+
+def test_upstream_written_file_reads_correctly(tmp_path):
+    """A checkpoint written by safetensors.torch.save_file loads through SafetensorsFile."""
+    tensors = _mixed_tensors("u", 8)
+    tensors["u.big"] = torch.randn(33, 17)
+    path = str(tmp_path / "upstream.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    stats = ReadStats()
+    with SafetensorsFile(path, stats) as f:
+        assert set(f.keys()) == set(tensors)
+        for k, v in tensors.items():
+            sl = f.get_slice(k)
+            got = sl[()] if v.dim() == 0 else sl[:]
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+        col = f.get_slice("u.big").narrow(1, 5, 3)
+        assert torch.equal(col[:], tensors["u.big"][:, 5:8])
+    assert stats.bytes_read == _data_bytes(tensors) + 33 * 3 * 4
+    # The parallel reader takes the same file.
+    targets = _targets_for(tensors)
+    size = os.path.getsize(path)
+    assert ParallelReader(2).read([read_header(path)], targets, [file_crc32(path)]) == size
+    _assert_same(targets, tensors)
+
+
+def test_weights_iterator_counts_bytes(tmp_path):
+    """safetensors_weights_iterator yields lazy slices; stats counts what was read."""
+    a, b = _mixed_tensors("a", 9), {"b.w": torch.randn(8, 6)}
+    pa, _, _ = _write(tmp_path, "a.safetensors", a)
+    pb = str(tmp_path / "b.safetensors")
+    save_file(b, pb)
+    stats = ReadStats()
+    seen = {}
+    for name, w in safetensors_weights_iterator([pa, pb], stats):
+        if name == "b.w":
+            seen[name] = w.narrow(0, 4, 4)[:]  # a TP rank's half
+        else:
+            seen[name] = w[()] if not w.get_shape() else w[:]
+    assert set(seen) == set(a) | set(b)
+    _assert_same({k: seen[k] for k in a}, a)
+    assert torch.equal(seen["b.w"], b["b.w"][4:])
+    assert stats.bytes_read == _data_bytes(a) + 4 * 6 * 4
+
+
+# ---------------------------------------------------------------------------------------
+# The default loader, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from vllm.testing import make_model
+
+    return make_model("llama", str(tmp_path_factory.mktemp("llama")), vocab_size=256)
+
+
+def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch):
+    """LLM(...) logs "Loading weights took ..., read ... GB at ... GB/s"; at TP=1 the
+    bytes it reports are the checkpoint's tensor data, each byte read once."""
+    from vllm import LLM
+
+    reported = []
+    original = loader_module.log_weights_loaded
+
+    def spy(start, nbytes):
+        reported.append(nbytes)
+        return original(start, nbytes)
+
+    monkeypatch.setattr(loader_module, "log_weights_loaded", spy)
+    monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="vllm"):
+        llm = LLM(model=tiny_llama, dtype="float32")
+    lines = [r.getMessage() for r in caplog.records if "Loading weights took" in r.getMessage()]
+    assert len(lines) == 1
+    assert re.fullmatch(
+        r"Loading weights took \d+\.\d\d seconds, read \d+\.\d\d GB at \d+\.\d\d GB/s", lines[0]
+    )
+    header = read_header(os.path.join(tiny_llama, "model.safetensors"))
+    assert reported == [header.size - header.data_start]
+    # The weights arrived intact: compare a few parameters with the checkpoint.
+    state = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    model = llm.llm_engine.model_executor.driver_worker.model
+    # Linear weights may be packed for the CPU (mkldnn) after loading: compare them dense.
+    params = {k: p.to_dense() if p.is_mkldnn else p for k, p in model.named_parameters()}
+    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]:
+        assert torch.equal(params[name], state[name]), name
+    prefix = "model.layers.1.self_attn."
+    qkv = torch.cat([state[prefix + p + "_proj.weight"] for p in "qkv"])
+    assert torch.equal(params[prefix + "qkv_proj.weight"], qkv)
