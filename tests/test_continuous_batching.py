@@ -103,3 +103,21 @@ def test_batched_tokens_equal_alone(model_dir, alone, config):
             assert split_prefills, "no prompt was split into chunks"
     if not kwargs.get("enable_chunked_prefill", True):
         assert not split_prefills
+
+
+def test_unwritten_kv_slots_are_never_read(model_dir, alone, monkeypatch):
+    """The CPU KV cache is allocated uninitialised (zeroing gigabytes would slow start-up):
+    poison it with NaN, except slot 0 where decodes pad, and the tokens must not change."""
+    from vllm.worker.worker import Worker
+
+    allocate = Worker.initialize_cache
+
+    def poisoned(self, num_blocks):
+        allocate(self, num_blocks)
+        self.kv_cache.fill_(float("nan"))
+        self.kv_cache[:, :, 0].zero_()
+
+    monkeypatch.setattr(Worker, "initialize_cache", poisoned)
+    llm = LLM(model=model_dir, max_model_len=MAX_MODEL_LEN, **CONFIGS["chunked-prefill-preemption"])
+    outputs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == alone

@@ -68,7 +68,7 @@ def build_attention_metadata(
     if dec_idx:
         max_len = max(dec_lens)
         pos = np.arange(max_len)
-        kv = np.zeros((len(dec_idx), max_len), dtype=np.int64)
+        kv = np.zeros((len(dec_idx), max_len), dtype=np.int64)  # pad with slot 0 (see Worker)
         for i, (blocks, n) in enumerate(zip(dec_blocks, dec_lens)):
             kv[i, :n] = _slots(blocks, pos[:n], block_size)
         lens = torch.tensor(dec_lens)

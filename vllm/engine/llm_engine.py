@@ -62,21 +62,40 @@ class LLMEngine:
     def __init__(
         self, vllm_config: VllmConfig, executor_class: type[ExecutorBase], log_stats: bool = True
     ):
+        start = time.perf_counter()
         self.vllm_config = vllm_config
         self.model_config = vllm_config.model_config
         self.log_stats = log_stats
         self.tokenizer = self._init_tokenizer()
         self.detokenizer = Detokenizer(self.tokenizer)
         self.generation_config = _load_generation_config(self.model_config.model)
+        tokenizer_s = time.perf_counter() - start
         self.model_executor = executor_class(vllm_config)
         self.scheduler = Scheduler(vllm_config.scheduler_config, vllm_config.cache_config)
         self.requests: dict[str, _Request] = {}
         self._seq_counter = itertools.count()
+        # Seconds per start-up phase (from_engine_args adds "config"); logged once ready.
+        self.startup_times = {"tokenizer": tokenizer_s, **self.model_executor.startup_times}
+        self.startup_times["total"] = time.perf_counter() - start
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
+        start = time.perf_counter()
         config = engine_args.create_engine_config()
-        return cls(config, get_executor_class(config), log_stats=not engine_args.disable_log_stats)
+        config_s = time.perf_counter() - start
+        engine = cls(
+            config, get_executor_class(config), log_stats=not engine_args.disable_log_stats
+        )
+        times = engine.startup_times
+        times["config"] = config_s
+        times["total"] += config_s
+        logger.info(
+            "Engine ready in %.2f s (config %.2f s, tokenizer %.2f s, workers %.2f s, "
+            "weights %.2f s, KV cache %.2f s)",
+            *(times.get(k, 0.0) for k in ("total", "config", "tokenizer", "workers", "load",
+                                          "kv_cache")),
+        )  # fmt: skip
+        return engine
 
     def _init_tokenizer(self):
         from transformers import AutoTokenizer

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -15,8 +18,20 @@ logger = init_logger(__name__)
 class ExecutorBase(ABC):
     def __init__(self, vllm_config: VllmConfig):
         self.vllm_config = vllm_config
+        # Seconds per start-up phase: "workers" (start and join the process group),
+        # "load" (weights, slowest rank), "kv_cache" (size agreed and allocated).
+        self.startup_times: dict[str, float] = {}
         self._init_executor()
-        self._initialize_kv_caches()
+        with self._phase("kv_cache"):
+            self._initialize_kv_caches()
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.startup_times[name] = time.perf_counter() - start
 
     @abstractmethod
     def _init_executor(self) -> None: ...

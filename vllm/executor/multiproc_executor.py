@@ -98,19 +98,21 @@ class MultiprocExecutor(ExecutorBase):
                     f"rank); {torch.cuda.device_count()} are visible. Use at most "
                     f"{torch.cuda.device_count()} or set CUDA_VISIBLE_DEVICES."
                 )
-        for attempt in range(1, PORT_ATTEMPTS + 1):
-            self.distributed_init_method = f"tcp://127.0.0.1:{get_open_port()}"
-            self._start_workers(world_size)
-            try:
-                self.collective_rpc("init_device")
-                break
-            except Exception as e:
-                if attempt == PORT_ATTEMPTS or not _port_was_taken(e):
-                    raise
-                logger.warning("Rendezvous port was taken by another process; retrying.")
-                self._stop(graceful=False)
-                self._closed = None
-        self.collective_rpc("load_model")
+        with self._phase("workers"):
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                self.distributed_init_method = f"tcp://127.0.0.1:{get_open_port()}"
+                self._start_workers(world_size)
+                try:
+                    self.collective_rpc("init_device")
+                    break
+                except Exception as e:
+                    if attempt == PORT_ATTEMPTS or not _port_was_taken(e):
+                        raise
+                    logger.warning("Rendezvous port was taken by another process; retrying.")
+                    self._stop(graceful=False)
+                    self._closed = None
+        with self._phase("load"):
+            self.collective_rpc("load_model")
 
     def _start_workers(self, world_size: int) -> None:
         ctx = multiprocessing.get_context("spawn")

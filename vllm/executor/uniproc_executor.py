@@ -11,9 +11,11 @@ from vllm.worker.worker import Worker
 
 class UniProcExecutor(ExecutorBase):
     def _init_executor(self) -> None:
-        self.driver_worker = Worker(self.vllm_config, rank=0)
-        self.driver_worker.init_device()
-        self.driver_worker.load_model()
+        with self._phase("workers"):
+            self.driver_worker = Worker(self.vllm_config, rank=0)
+            self.driver_worker.init_device()
+        with self._phase("load"):
+            self.driver_worker.load_model()
 
     def collective_rpc(
         self,

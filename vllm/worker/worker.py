@@ -96,15 +96,17 @@ class Worker:
         a = layers[0]
         if any((x.num_kv_heads, x.head_size) != (a.num_kv_heads, a.head_size) for x in layers):
             raise NotImplementedError("Layers with different KV shapes are not supported.")
-        self.kv_cache = torch.zeros(
-            len(layers),
-            2,
-            num_blocks * block_size,
-            a.num_kv_heads,
-            a.head_size,
-            dtype=self.vllm_config.model_config.dtype,
-            device=self.device,
-        )
+        shape = (len(layers), 2, num_blocks * block_size, a.num_kv_heads, a.head_size)
+        dtype = self.vllm_config.model_config.dtype
+        if self.device.type == "cpu":
+            # Attention reads only slots that were written first, plus slot 0 where
+            # batched decodes pad (masked out, but 0 * NaN would still be NaN). Leaving the
+            # rest untouched lets the OS fault pages in as the cache fills, instead of
+            # zeroing gigabytes at start-up (seconds on the CPU).
+            self.kv_cache = torch.empty(shape, dtype=dtype)
+            self.kv_cache[:, :, 0].zero_()
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         for i, layer in enumerate(layers):
             layer.kv_cache = self.kv_cache[i]
 
