@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vllm.model_executor.model_loader import loader as loader_module
-from vllm.model_executor.model_loader import parallel_reader
+from vllm.model_executor.model_loader import parallel_reader, safetensors_io
 from vllm.model_executor.model_loader.parallel_reader import (
     ParallelReader,
     default_num_threads,
@@ -28,6 +28,7 @@ from vllm.model_executor.model_loader.safetensors_io import (
     write_file,
 )
 from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+from vllm.model_executor.utils import copy_weight
 
 # ---------------------------------------------------------------------------------------
 # Helpers
@@ -143,6 +144,22 @@ def test_parallel_read_into_non_contiguous_destination(tmp_path, monkeypatch, th
     ParallelReader(threads).read([read_header(path)], {"w": dst, "v": v}, [crc])
     assert torch.equal(dst, src["w"])
     assert torch.equal(v, src["v"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_parallel_read_into_cuda_through_pinned_staging(tmp_path, monkeypatch, threads):
+    """CUDA destinations (and a mix with CPU ones in one window) get exact bytes; small
+    windows make each thread reuse its two staging buffers many times."""
+    monkeypatch.setattr(parallel_reader, "WINDOW", 4096)
+    src = _mixed_tensors("g", 5) | {"big": torch.randn(300, 70)}
+    path, size, crc = _write(tmp_path, "cuda.safetensors", src)
+    dst = {
+        k: torch.full_like(v, 0).cuda() if k != "big" else torch.empty_like(v)
+        for k, v in src.items()
+    }
+    assert ParallelReader(threads).read([read_header(path)], dst, [crc]) == size
+    _assert_same({k: v.cpu() for k, v in dst.items()}, src)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -400,6 +417,50 @@ def test_weights_iterator_counts_bytes(tmp_path):
     _assert_same({k: seen[k] for k in a}, a)
     assert torch.equal(seen["b.w"], b["b.w"][4:])
     assert stats.bytes_read == _data_bytes(a) + 4 * 6 * 4
+
+
+@pytest.fixture(autouse=True)
+def exact_slices(monkeypatch):
+    """Read column slices run by run even for tiny rows (see the next test for those)."""
+    monkeypatch.setattr(safetensors_io, "_MIN_RUN_BYTES", 0)
+
+
+def test_short_runs_read_whole_rows(tmp_path, monkeypatch):
+    """Columns of rows shorter than a page are read with their whole rows (one read, not
+    one per row) and still give exactly the slice."""
+    monkeypatch.setattr(safetensors_io, "_MIN_RUN_BYTES", 4096)
+    w = torch.randn(300, 64)  # rows of 256 bytes
+    path, _, _ = _write(tmp_path, "rows.safetensors", {"w": w})
+    stats = ReadStats()
+    with SafetensorsFile(path, stats) as f:
+        got = f.get_slice("w").narrow(1, 16, 16)[:]
+    assert torch.equal(got, w[:, 16:32])
+    assert stats.bytes_read == w.nbytes
+
+
+def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
+    """read_into through the iterator only queues reads (several threads, big reads
+    split): every parameter holds its bytes once the iteration is over."""
+    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 256)  # many tasks per tensor
+    monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
+    a = {f"w{i}": torch.randn(40, 33) for i in range(6)}
+    path, _, _ = _write(tmp_path, "q.safetensors", a)
+    got = {k: torch.full((20, 33) if k == "w0" else (40, 33), float("nan")) for k in a}
+    for name, w in safetensors_weights_iterator([path]):
+        copy_weight(got[name], w.narrow(0, 20, 20) if name == "w0" else w)
+    assert torch.equal(got["w0"], a["w0"][20:])
+    _assert_same({k: got[k] for k in a if k != "w0"}, {k: a[k] for k in a if k != "w0"})
+
+
+def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path):
+    """A read that fails on a pool thread (file truncated meanwhile) is raised, naming
+    the file, by the loop over the weights, not lost."""
+    path, _, _ = _write(tmp_path, "t.safetensors", {"w": torch.randn(64, 64)})
+    dst = torch.empty(64, 64)
+    with pytest.raises(ShardFileError, match="t.safetensors ended early"):
+        for _, w in safetensors_weights_iterator([path]):
+            os.truncate(path, os.path.getsize(path) - 100)
+            copy_weight(dst, w)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Largest single write: Linux moves at most ~2 GiB per call; smaller chunks let the
 # checksum of one chunk overlap the write of the next.
 _WRITE_CHUNK = 64 << 20
+_IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
+# A slice whose contiguous runs are shorter than this is read with its whole rows.
+_MIN_RUN_BYTES = 4096
+# Reads a SafetensorsFile queues on its pool are cut into tasks of about this size.
+_TASK_BYTES = 16 << 20
 
 
 class ShardFileError(ValueError):
@@ -142,10 +148,39 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_fully(fd: int, data: memoryview) -> None:
-    done = 0
-    while done < len(data):
-        done += os.write(fd, data[done : done + _WRITE_CHUNK])
+def _writev_fully(fd: int, views: list[memoryview]) -> None:
+    views = list(views)
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _crc32_many(views: list[memoryview], crc: int) -> int:
+    for view in views:
+        crc = zlib_ng.crc32(view, crc)
+    return crc
+
+
+def _write_groups(items: list[tuple[str, torch.Tensor]]) -> Iterator[list[memoryview]]:
+    """The tensors' bytes in file order, as groups of about _WRITE_CHUNK bytes (at most
+    _IOV_MAX buffers): one writev each, however small the tensors are."""
+    group: list[memoryview] = []
+    size = 0
+    for _, t in items:
+        data = _as_bytes(t)
+        for start in range(0, len(data), _WRITE_CHUNK):
+            piece = data[start : start + _WRITE_CHUNK]
+            group.append(piece)
+            size += len(piece)
+            if size >= _WRITE_CHUNK or len(group) == _IOV_MAX:
+                yield group
+                group, size = [], 0
+    if group:
+        yield group
 
 
 def write_file(
@@ -183,16 +218,13 @@ def write_file(
     crc = zlib_ng.crc32(prefix) if checksum else None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_fully(fd, memoryview(prefix))
+        _writev_fully(fd, [memoryview(prefix)])
         with ThreadPoolExecutor(1, thread_name_prefix="crc32") as hasher:
-            for _, t in items:
-                data = _as_bytes(t)
-                for start in range(0, len(data), _WRITE_CHUNK):
-                    chunk = data[start : start + _WRITE_CHUNK]
-                    pending = hasher.submit(zlib_ng.crc32, chunk, crc) if checksum else None
-                    _write_fully(fd, chunk)
-                    if pending is not None:
-                        crc = pending.result()
+            for group in _write_groups(items):
+                pending = hasher.submit(_crc32_many, group, crc) if checksum else None
+                _writev_fully(fd, group)
+                if pending is not None:
+                    crc = pending.result()
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -250,15 +282,19 @@ class SafetensorsFile:
 
     Like ``safetensors.safe_open(...).get_slice(name)``, without a memory map: the
     bytes go straight from the file into the destination tensor (``TensorSlice.read_into``),
-    so loading holds no file pages in the process's memory and no second copy.
+    so loading holds no file pages in the process's memory and no second copy. With a
+    ``pool``, ``read_into`` queues its reads there and returns at once; ``wait()`` (or
+    ``close()``) returns when they are done and raises the first read error.
     """
 
-    def __init__(self, path: str, stats: ReadStats | None = None):
+    def __init__(self, path: str, stats: ReadStats | None = None, pool: Executor | None = None):
         self.header = read_header(path)
         self.path = path
         self.stats = stats or ReadStats()
+        self.pool = pool
+        self._pending: list[Future] = []
         self._entries = {e.name: e for e in self.header.tensors}
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = _open_for_read(path)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -267,10 +303,47 @@ class SafetensorsFile:
         entry = self._entries[name]
         return TensorSlice(self, entry, tuple((0, d) for d in entry.shape))
 
+    def read_runs(self, runs: list[tuple[int, memoryview]], wait: bool = False) -> None:
+        """Read each (file offset, buffer) run; queued on the pool unless ``wait``."""
+        self.stats.bytes_read += sum(len(view) for _, view in runs)
+        if self.pool is None or wait:
+            self._read(runs)
+            return
+        batch: list[tuple[int, memoryview]] = []
+        size = 0
+        for offset, view in runs:  # tasks of about _TASK_BYTES, big runs split
+            for start in range(0, len(view), _TASK_BYTES):
+                piece = view[start : start + _TASK_BYTES]
+                batch.append((offset + start, piece))
+                size += len(piece)
+                if size >= _TASK_BYTES:
+                    self._pending.append(self.pool.submit(self._read, batch))
+                    batch, size = [], 0
+        if batch:
+            self._pending.append(self.pool.submit(self._read, batch))
+
+    def _read(self, runs: list[tuple[int, memoryview]]) -> None:
+        for offset, view in runs:
+            got = 0
+            while got < len(view):
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise ShardFileError(f"{self.path} ended early (truncated?).")
+                got += n
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        futures.wait(pending)  # all of them, so none still reads after an error
+        for f in pending:
+            f.result()
+
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        try:
+            self.wait()
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -317,11 +390,13 @@ class TensorSlice:
             start, stop, _ = s.indices(view.get_shape()[dim])
             view = view.narrow(dim, start, max(0, stop - start))
         out = torch.empty(view.get_shape(), dtype=self.dtype)
-        view.read_into(out)
+        view.read_into(out, wait=True)
         return out
 
-    def read_into(self, dst: torch.Tensor) -> None:
-        """Read the box into ``dst``: a contiguous CPU tensor of its shape and dtype."""
+    def read_into(self, dst: torch.Tensor, wait: bool = False) -> None:
+        """Read the box into ``dst``: a contiguous CPU tensor of its shape and dtype. If
+        the file has a pool, the bytes are in place after its ``wait()``, else (or with
+        ``wait``) on return."""
         if not (dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == self.dtype):
             raise ValueError("read_into needs a contiguous CPU tensor of the slice's dtype.")
         if list(dst.shape) != self.get_shape():
@@ -337,6 +412,15 @@ class TensorSlice:
             strides[i] = strides[i + 1] * shape[i + 1]
         if cut < 0 or len(out) == 0:
             runs = [(self.entry.start, len(out))]
+        elif cut > 0 and (box[cut][1] - box[cut][0]) * strides[cut] < _MIN_RUN_BYTES:
+            # Runs shorter than a page (the columns of a narrow row-parallel weight): the
+            # disk reads whole pages anyway, and a read per run costs more than it moves.
+            # Read whole rows in one go and keep this slice's columns.
+            whole = box[:cut] + ((0, shape[cut]),) + box[cut + 1 :]
+            rows = torch.empty([b - a for a, b in whole], dtype=self.dtype)
+            TensorSlice(self.file, self.entry, whole).read_into(rows, wait=True)
+            dst.copy_(rows.narrow(cut, box[cut][0], box[cut][1] - box[cut][0]))
+            return
         else:
             run = (box[cut][1] - box[cut][0]) * strides[cut]
             base = self.entry.start + box[cut][0] * strides[cut]
@@ -344,17 +428,12 @@ class TensorSlice:
                 (base + sum(i * s for i, s in zip(idx, strides)), run)
                 for idx in itertools.product(*(range(a, b) for a, b in box[:cut]))
             ]
+        views = []
         done = 0
         for offset, nbytes in runs:
-            view = out[done : done + nbytes]
-            got = 0
-            while got < nbytes:
-                n = os.preadv(self.file.fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise ShardFileError(f"{self.file.path} ended early (truncated?).")
-                got += n
+            views.append((offset, out[done : done + nbytes]))
             done += nbytes
-        self.file.stats.bytes_read += done
+        self.file.read_runs(views, wait=wait)
 
 
 def file_crc32(path: str) -> int:

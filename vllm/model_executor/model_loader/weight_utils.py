@@ -6,9 +6,11 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from vllm.model_executor.model_loader.parallel_reader import default_num_threads
 from vllm.model_executor.model_loader.safetensors_io import ReadStats, SafetensorsFile
 from vllm.model_executor.utils import LoadedWeight
 
@@ -52,11 +54,36 @@ def safetensors_weights_iterator(
     files: list[str], stats: ReadStats | None = None
 ) -> Iterator[tuple[str, LoadedWeight]]:
     """Yield (name, lazy slice): a rank reads only the part its weight_loader asks for,
-    straight into the parameter; ``stats`` counts the bytes read."""
-    for path in files:
-        with SafetensorsFile(path, stats) as f:
-            for name in f.keys():
-                yield name, f.get_slice(name)
+    straight into the parameter; ``stats`` counts the bytes read.
+
+    The reads run on a thread pool while the weight loaders go on (page faults on fresh
+    parameter memory and copies from the page cache then use every core); the iterator
+    ends once every read is done, raising the first read error.
+    """
+    opened: list[SafetensorsFile] = []
+    with ThreadPoolExecutor(default_num_threads(), thread_name_prefix="weight-reader") as pool:
+        try:
+            for path in files:
+                opened.append(SafetensorsFile(path, stats, pool))
+                for name in opened[-1].keys():
+                    yield name, opened[-1].get_slice(name)
+        except BaseException:  # the consumer stopped: its error is the one to see
+            _close_all(opened)
+            raise
+        error = _close_all(opened)
+        if error is not None:
+            raise error
+
+
+def _close_all(opened: list[SafetensorsFile]) -> Exception | None:
+    """Close every file (each waits for its reads); the first error, if any."""
+    first = None
+    for f in opened:
+        try:
+            f.close()
+        except Exception as e:
+            first = first or e
+    return first
 
 
 def pt_weights_iterator(
