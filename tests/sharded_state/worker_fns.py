@@ -7,7 +7,10 @@ import hashlib
 
 import torch
 
-from vllm.model_executor.model_loader.state_dict_utils import dense_state_dict
+
+def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with weights packed for the CPU (mkldnn) made plain again."""
+    return {k: t.to_dense() if t.is_mkldnn else t for k, t in model.state_dict().items()}
 
 
 def state_digest(worker) -> dict[str, tuple[str, tuple[int, ...], str]]:

@@ -24,10 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from zlib_ng import zlib_ng
 
-from vllm.model_executor.model_loader.safetensors_io import FileHeader, ShardFileError
+from vllm.model_executor.model_loader.safetensors_io import (
+    IOV_MAX,
+    FileHeader,
+    ShardFileError,
+    open_for_read,
+    preadv_fully,
+)
 
 WINDOW = 16 << 20
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 _MAX_THREADS = 8
 
 
@@ -152,7 +157,7 @@ class ParallelReader:
             windows += _windows(i, file, pieces)
         try:
             for file in files:
-                file.fd = _open(file.header.path)
+                file.fd = open_for_read(file.header.path)
             results = self._run(files, windows)
         finally:
             for file in files:
@@ -197,7 +202,7 @@ class ParallelReader:
         nbytes = 0
         run: list[tuple[_Piece, memoryview]] = []
         for piece in window.pieces:
-            if run and (run[-1][0].end != piece.start or len(run) == _IOV_MAX):
+            if run and (run[-1][0].end != piece.start or len(run) == IOV_MAX):
                 nbytes += self._read_run(file, run)
                 run = []
             run.append((piece, self._buffer_for(piece, window, staging)))
@@ -241,29 +246,6 @@ class ParallelReader:
 
     @staticmethod
     def _read_run(file: _File, run: list[tuple[_Piece, memoryview]]) -> int:
-        """One contiguous byte range of the file into its buffers, retrying short reads."""
-        offset = run[0][0].start
+        """One contiguous byte range of the file into its buffers."""
         views = [view for _, view in run]
-        total = sum(len(v) for v in views)
-        done = 0
-        while views:
-            n = os.preadv(file.fd, views, offset + done)
-            if n <= 0:
-                raise ShardFileError(
-                    f"{file.header.path} ended early at byte {offset + done} (truncated while "
-                    "being read?)."
-                )
-            done += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
-        return total
-
-
-def _open(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise ShardFileError(f"Cannot read shard file {path}: {e}") from e
+        return preadv_fully(file.fd, views, run[0][0].start, file.header.path)

@@ -51,7 +51,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Largest single write: Linux moves at most ~2 GiB per call; smaller chunks let the
 # checksum of one chunk overlap the write of the next.
 _WRITE_CHUNK = 64 << 20
-_IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
+IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
 # A slice whose contiguous runs are shorter than this is read with its whole rows.
 _MIN_RUN_BYTES = 4096
 # Reads a SafetensorsFile queues on its pool are cut into tasks of about this size.
@@ -148,15 +148,36 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The part of ``views`` left after ``n`` bytes were transferred."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views = views[1:]
+    if views and n:
+        views = [views[0][n:], *views[1:]]
+    return views
+
+
 def _writev_fully(fd: int, views: list[memoryview]) -> None:
-    views = list(views)
     while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+        views = _advance(views, os.writev(fd, views))
+
+
+def preadv_fully(fd: int, views: list[memoryview], offset: int, path: str) -> int:
+    """Fill ``views`` with the file's bytes from ``offset`` on, retrying short reads;
+    returns the bytes read. A file that ends first raises ShardFileError naming ``path``."""
+    views = [v for v in views if len(v)]
+    total = sum(len(v) for v in views)
+    done = 0
+    while views:
+        n = os.preadv(fd, views, offset + done)
+        if n <= 0:
+            raise ShardFileError(
+                f"{path} ended early at byte {offset + done} (truncated while being read?)."
+            )
+        done += n
+        views = _advance(views, n)
+    return total
 
 
 def _crc32_many(views: list[memoryview], crc: int) -> int:
@@ -167,7 +188,7 @@ def _crc32_many(views: list[memoryview], crc: int) -> int:
 
 def _write_groups(items: list[tuple[str, torch.Tensor]]) -> Iterator[list[memoryview]]:
     """The tensors' bytes in file order, as groups of about _WRITE_CHUNK bytes (at most
-    _IOV_MAX buffers): one writev each, however small the tensors are."""
+    IOV_MAX buffers): one writev each, however small the tensors are."""
     group: list[memoryview] = []
     size = 0
     for _, t in items:
@@ -176,7 +197,7 @@ def _write_groups(items: list[tuple[str, torch.Tensor]]) -> Iterator[list[memory
             piece = data[start : start + _WRITE_CHUNK]
             group.append(piece)
             size += len(piece)
-            if size >= _WRITE_CHUNK or len(group) == _IOV_MAX:
+            if size >= _WRITE_CHUNK or len(group) == IOV_MAX:
                 yield group
                 group, size = [], 0
     if group:
@@ -244,7 +265,7 @@ def map_file(header: FileHeader) -> dict[str, torch.Tensor]:
     of a truncated file raises SIGBUS); ``save_sharded_state`` never does that, it swaps
     in new files.
     """
-    fd = _open_for_read(header.path)
+    fd = open_for_read(header.path)
     try:
         mapped = mmap.mmap(fd, header.size, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
@@ -263,7 +284,7 @@ def map_file(header: FileHeader) -> dict[str, torch.Tensor]:
     }
 
 
-def _open_for_read(path: str) -> int:
+def open_for_read(path: str) -> int:
     try:
         return os.open(path, os.O_RDONLY)
     except OSError as e:
@@ -294,7 +315,7 @@ class SafetensorsFile:
         self.pool = pool
         self._pending: list[Future] = []
         self._entries = {e.name: e for e in self.header.tensors}
-        self.fd = _open_for_read(path)
+        self.fd = open_for_read(path)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -324,12 +345,7 @@ class SafetensorsFile:
 
     def _read(self, runs: list[tuple[int, memoryview]]) -> None:
         for offset, view in runs:
-            got = 0
-            while got < len(view):
-                n = os.preadv(self.fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise ShardFileError(f"{self.path} ended early (truncated?).")
-                got += n
+            preadv_fully(self.fd, [view], offset, self.path)
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []
@@ -434,14 +450,3 @@ class TensorSlice:
             views.append((offset, out[done : done + nbytes]))
             done += nbytes
         self.file.read_runs(views, wait=wait)
-
-
-def file_crc32(path: str) -> int:
-    """CRC-32 of a whole file, read in large chunks."""
-    crc = 0
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            crc = zlib_ng.crc32(view[:n], crc)
-    return crc

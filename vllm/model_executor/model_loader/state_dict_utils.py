@@ -57,12 +57,6 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: t for k, t in tensors.items() if k in kept}
 
 
-def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with weights packed for the CPU (mkldnn) turned back to plain
-    tensors, all at once (tests; the saver converts one tensor at a time as it writes)."""
-    return {k: t.to_dense() if t.is_mkldnn else t for k, t in model.state_dict().items()}
-
-
 def state_schema(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every distinct tensor of ``model.state_dict()``."""
     state = filter_subtensors(model.state_dict())
