@@ -105,11 +105,17 @@ def test_batched_tokens_equal_alone(model_dir, alone, config):
         assert not split_prefills
 
 
-def test_unwritten_kv_slots_are_never_read(model_dir, alone, monkeypatch):
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["c-kernel", "torch"])
+def test_unwritten_kv_slots_are_never_read(model_dir, alone, monkeypatch, decode_kernel):
     """The CPU KV cache is allocated uninitialised (zeroing gigabytes would slow start-up):
-    poison it with NaN, except slot 0 where decodes pad, and the tokens must not change."""
+    poison it with NaN, except slot 0 where the torch path pads decodes, and the tokens
+    must not change. Run on both decode paths, which must also agree with each other."""
+    from vllm import _custom_ops as ops
     from vllm.worker.worker import Worker
 
+    if decode_kernel and ops._C is None:
+        pytest.skip("vllm._C was not built")
+    monkeypatch.setattr(ops, "HAS_CPU_KERNELS", decode_kernel)
     allocate = Worker.initialize_cache
 
     def poisoned(self, num_blocks):

@@ -1,14 +1,16 @@
-"""Paged attention on top of ``torch.nn.functional.scaled_dot_product_attention``.
+"""Paged attention: a C kernel for CPU decodes, ``scaled_dot_product_attention`` otherwise.
 
 The KV cache of a layer is a ``[2, num_slots, num_kv_heads, head_size]`` view of the
 worker's one flat allocation; token ``p`` of a sequence lives in slot
 ``block_ids[p // block_size] * block_size + p % block_size``.
 
 Per step the model runner builds one ``AttentionMetadata`` shared by every layer:
-- decodes (one new token after a cached context) run as one batched SDPA call over
-  the gathered context, masked to each sequence's length;
+- decodes (one new token after a cached context) run batched: on the CPU through the
+  C kernel ``vllm._C.paged_attention_decode``, which reads the blocks in place; without
+  it (or on CUDA) as one SDPA call over the slots gathered into a padded batch and
+  masked to each sequence's length;
 - prefill chunks run one SDPA call per sequence, causal, over cached context plus chunk.
-This is the only module that knows the cache layout: a kernel can replace it.
+This is the only module that knows the cache layout.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from vllm import _custom_ops as ops
 
 
 @dataclass
@@ -32,10 +36,16 @@ class PrefillSeq:
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V goes
     prefills: list[PrefillSeq] = field(default_factory=list)
-    # Decodes, batched: flattened token index, context slots and validity mask.
+    # Decodes, batched: flattened token index, block tables (padded with block 0) and
+    # context lengths for the kernel; context slots (padded with slot 0) and a validity
+    # mask for the torch path.
     decode_token_idx: torch.Tensor | None = None  # [B]
-    decode_kv_slots: torch.Tensor | None = None  # [B, max_len]
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
+    decode_seq_lens: torch.Tensor | None = None  # [B] int64
+    decode_kv_slots: torch.Tensor | None = None  # [B, max_len] int64
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] bool
+    block_size: int = 16
+    use_kernel: bool = False
 
 
 def _slots(block_ids: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -66,16 +76,24 @@ def build_attention_metadata(
     slot_mapping = torch.from_numpy(np.concatenate(slot_parts)).to(device)
     meta = AttentionMetadata(slot_mapping=slot_mapping, prefills=prefills)
     if dec_idx:
+        max_blocks = max(len(b) for b in dec_blocks)
         max_len = max(dec_lens)
+        tables = np.zeros((len(dec_idx), max_blocks), dtype=np.int64)  # pad: block 0
+        slots = np.zeros((len(dec_idx), max_len), dtype=np.int64)  # pad: slot 0
         pos = np.arange(max_len)
-        kv = np.zeros((len(dec_idx), max_len), dtype=np.int64)  # pad with slot 0 (see Worker)
         for i, (blocks, n) in enumerate(zip(dec_blocks, dec_lens)):
-            kv[i, :n] = _slots(blocks, pos[:n], block_size)
-        lens = torch.tensor(dec_lens)
+            tables[i, : len(blocks)] = blocks
+            slots[i, :n] = _slots(blocks, pos[:n], block_size)
+        lens = torch.tensor(dec_lens, dtype=torch.int64)
         meta.decode_token_idx = torch.tensor(dec_idx, device=device)
-        meta.decode_kv_slots = torch.from_numpy(kv).to(device)
-        meta.decode_mask = (torch.arange(max_len)[None, :] < lens[:, None]).to(device)
-        meta.decode_mask = meta.decode_mask[:, None, None, :]
+        meta.decode_block_tables = torch.from_numpy(tables).to(device)
+        meta.decode_seq_lens = lens.to(device)
+        meta.block_size = block_size
+        meta.use_kernel = ops.HAS_CPU_KERNELS and torch.device(device).type == "cpu"
+        # The torch path's inputs (also used by layers whose head size the kernel lacks).
+        meta.decode_kv_slots = torch.from_numpy(slots).to(device)
+        valid = torch.from_numpy(pos[None, :] < lens.numpy()[:, None])
+        meta.decode_mask = valid.to(device)[:, None, None, :]
     return meta
 
 
@@ -115,17 +133,42 @@ def paged_attention(
     if meta.decode_token_idx is not None:
         # An all-decode batch holds one token per sequence in batch order: no gather.
         decode_only = not meta.prefills
-        qd = (q if decode_only else q[meta.decode_token_idx]).unsqueeze(2)  # [B, Hq, 1, D]
-        # index_select on the flat slot list copies whole rows: several times faster on
-        # the CPU than advanced indexing with a 2-D index.
-        b, length = meta.decode_kv_slots.shape
-        flat = meta.decode_kv_slots.view(-1)
-        kd = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)
-        vd = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
-        )
+        qd = q if decode_only else q[meta.decode_token_idx]  # [B, Hq, D]
+        if meta.use_kernel and ops.decode_kernel_supports(q.shape[-1], q.dtype):
+            o = ops.paged_attention_decode(
+                qd,
+                k_cache,
+                v_cache,
+                meta.decode_block_tables,
+                meta.decode_seq_lens,
+                meta.block_size,
+                scale,
+            )
+        else:
+            o = _decode_attention_torch(qd, k_cache, v_cache, meta, scale, gqa)
         if decode_only:
-            return o.squeeze(2)
-        out[meta.decode_token_idx] = o.squeeze(2)
+            return o
+        out[meta.decode_token_idx] = o
     return out
+
+
+def _decode_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    gqa: bool,
+) -> torch.Tensor:
+    """Gather each sequence's slots into a padded batch and run one masked SDPA call."""
+    # index_select on the flat slot list copies whole rows: several times faster on the
+    # CPU than advanced indexing with a 2-D index. Only written slots are gathered (the
+    # padding is slot 0, kept finite): a masked-out NaN would still poison 0 * NaN.
+    b, length = meta.decode_kv_slots.shape
+    flat = meta.decode_kv_slots.view(-1)
+    kd = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)
+    vd = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
+    )
+    return o.squeeze(2)

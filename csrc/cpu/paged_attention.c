@@ -1,0 +1,286 @@
+/*
+ * Paged attention for decode steps on the CPU: one query token per sequence, read
+ * straight from the block-structured KV cache (no gather into a padded batch).
+ *
+ * Built as the extension module vllm._C (see setup.py). It has no torch dependency:
+ * vllm/_custom_ops.py checks shapes, dtypes and strides and passes data pointers.
+ * The pure-torch path in vllm/attention/backend.py computes the same thing and is
+ * used when this module is not built.
+ *
+ * Layouts (element strides):
+ *   query       [num_seqs, num_heads, head_size], row stride q_stride, heads packed
+ *   key/value   [num_blocks * block_size, num_kv_heads, head_size], contiguous
+ *   block_table [num_seqs, max_blocks] int64, contiguous
+ *   seq_lens    [num_seqs] int64
+ *   out         [num_seqs, num_heads, head_size], contiguous
+ * Query head h attends with kv head h / (num_heads / num_kv_heads), as in GQA.
+ * Accumulation is in float32 for every storage dtype.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+enum { MAX_THREADS = 64, MAX_HEAD_SIZE = 256 };
+
+typedef struct {
+    float *out_f32; /* [num_seqs, num_heads, head_size] float32 results */
+    const void *query, *key_cache, *value_cache;
+    const int64_t *block_table, *seq_lens;
+    int64_t num_seqs, num_heads, num_kv_heads, head_size, block_size, max_blocks;
+    int64_t q_stride, max_seq_len;
+    float scale;
+    int dtype;
+    /* A thread takes sequences [begin, end). */
+    int64_t begin, end;
+    int error;
+} Job;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    _Float16 v;
+    memcpy(&v, &h, sizeof v);
+    return (float)v;
+}
+
+/* Copy n elements of any supported dtype into float32. */
+static void to_f32(float *dst, const void *src, int64_t n, int dtype) {
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    } else if (dtype == DTYPE_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
+    }
+}
+
+/* Eight floats; GCC/Clang lower it to one AVX register or two SSE ones. aligned(4)
+ * makes loads and stores through it unaligned-safe. */
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* exp(x) for x <= 0, relative error below 1e-6: x = n ln2 + r with |r| <= ln2 / 2,
+ * exp(r) by its degree-6 Taylor polynomial, 2^n through the exponent bits. */
+static inline v8f exp_nonpositive(v8f x) {
+    const v8i low = x < splat(-87.0f); /* lanes all ones where x < -87 */
+    x = (v8f)(((v8i)x & ~low) | ((v8i)splat(-87.0f) & low));
+    const v8i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* round */
+    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-6f;
+    v8f p = splat(1.0f / 720.0f);
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const v8i bits = (n + 127) << 23;
+    v8f two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/*
+ * One sequence, every head. k_rows/v_rows[t] point at token t's cache slot (all kv
+ * heads, float32); scores holds room for max_seq_len rounded up to 8 per head. Inlined
+ * into a copy per common head size so the loops over head_size unroll into registers.
+ */
+static inline __attribute__((always_inline)) void seq_attention(
+    const Job *j, const float *const *k_rows, const float *const *v_rows, const float *q,
+    int64_t len, float *scores, float *out, const int64_t d) {
+    const int64_t heads = j->num_heads, group = heads / j->num_kv_heads, nv = d / 8;
+    const int64_t padded = (len + 7) & ~(int64_t)7;
+    for (int64_t h = 0; h < heads; h++) {
+        const v8f *qh = (const v8f *)(q + h * d);
+        const int64_t off = (h / group) * d;
+        float *sc = scores;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < len; t++) {
+            const v8f *k = (const v8f *)(k_rows[t] + off);
+            v8f acc = splat(0.0f);
+            for (int64_t i = 0; i < nv; i++) acc += qh[i] * k[i];
+            sc[t] = hsum(acc) * j->scale;
+            m = sc[t] > m ? sc[t] : m;
+        }
+        for (int64_t t = len; t < padded; t++) sc[t] = -INFINITY; /* exp gives 0 */
+        v8f sum8 = splat(0.0f);
+        for (int64_t t = 0; t < padded; t += 8) {
+            v8f e = exp_nonpositive(*(v8f *)(sc + t) - m);
+            *(v8f *)(sc + t) = e;
+            sum8 += e;
+        }
+        v8f acc[MAX_HEAD_SIZE / 8];
+        for (int64_t i = 0; i < nv; i++) acc[i] = splat(0.0f);
+        for (int64_t t = 0; t < len; t++) {
+            const v8f *v = (const v8f *)(v_rows[t] + off);
+            const v8f w = splat(sc[t]);
+            for (int64_t i = 0; i < nv; i++) acc[i] += w * v[i];
+        }
+        const v8f inv = splat(1.0f / hsum(sum8));
+        for (int64_t i = 0; i < nv; i++) ((v8f *)(out + h * d))[i] = acc[i] * inv;
+    }
+}
+
+/* x86-64-v3 (AVX2 + FMA) and baseline versions, picked at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSION
+#endif
+
+MULTIVERSION static void *run_job(void *arg) {
+    Job *j = (Job *)arg;
+    const int64_t d = j->head_size, heads = j->num_heads, max_len = j->max_seq_len;
+    const int64_t row_len = j->num_kv_heads * d; /* elements of one cache slot */
+    const int f32 = j->dtype == DTYPE_F32;
+    const size_t esize = f32 ? 4 : 2;
+    /* Scratch: row pointers, queries, scores of every head; for 16-bit caches also the
+     * sequence's K and V converted to float32. */
+    const size_t floats = (size_t)(heads * d + max_len + 8) + (f32 ? 0 : 2 * (size_t)(max_len * row_len));
+    void *mem = malloc(sizeof(float *) * 2 * (size_t)max_len + sizeof(float) * floats);
+    if (mem == NULL) {
+        j->error = 1;
+        return NULL;
+    }
+    const float **k_rows = (const float **)mem, **v_rows = k_rows + max_len;
+    float *q = (float *)(v_rows + max_len), *scores = q + heads * d;
+    float *k_f32 = scores + max_len + 8, *v_f32 = k_f32 + max_len * row_len;
+
+    for (int64_t s = j->begin; s < j->end; s++) {
+        const int64_t len = j->seq_lens[s];
+        const int64_t *blocks = j->block_table + s * j->max_blocks;
+        to_f32(q, (const char *)j->query + (size_t)(s * j->q_stride) * esize, heads * d, j->dtype);
+        for (int64_t t = 0; t < len; t++) {
+            const size_t slot = (size_t)(blocks[t / j->block_size] * j->block_size + t % j->block_size);
+            const char *k = (const char *)j->key_cache + slot * (size_t)row_len * esize;
+            const char *v = (const char *)j->value_cache + slot * (size_t)row_len * esize;
+            if (f32) {
+                k_rows[t] = (const float *)k;
+                v_rows[t] = (const float *)v;
+            } else {
+                to_f32(k_f32 + t * row_len, k, row_len, j->dtype);
+                to_f32(v_f32 + t * row_len, v, row_len, j->dtype);
+                k_rows[t] = k_f32 + t * row_len;
+                v_rows[t] = v_f32 + t * row_len;
+            }
+        }
+        float *out = j->out_f32 + s * heads * d;
+        switch (d) { /* constant head sizes unroll; any other size takes the generic loop */
+            case 64: seq_attention(j, k_rows, v_rows, q, len, scores, out, 64); break;
+            case 128: seq_attention(j, k_rows, v_rows, q, len, scores, out, 128); break;
+            default: seq_attention(j, k_rows, v_rows, q, len, scores, out, d); break;
+        }
+    }
+    free(mem);
+    return NULL;
+}
+
+static PyObject *paged_attention_decode(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, query, key_cache, value_cache, block_table, seq_lens;
+    Job base;
+    int64_t num_slots;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KKKKKKLLLLLLLLfii", &out, &query, &key_cache, &value_cache,
+                          &block_table, &seq_lens, &base.num_seqs, &base.num_heads,
+                          &base.num_kv_heads, &base.head_size, &base.block_size,
+                          &base.max_blocks, &base.q_stride, &num_slots, &base.scale,
+                          &base.dtype, &num_threads))
+        return NULL;
+    if (base.num_kv_heads <= 0 || base.num_heads % base.num_kv_heads != 0 || base.head_size <= 0 ||
+        base.head_size > MAX_HEAD_SIZE || base.head_size % 8 || base.block_size <= 0 ||
+        base.dtype < DTYPE_F32 || base.dtype > DTYPE_F16) {
+        PyErr_SetString(PyExc_ValueError, "paged_attention_decode: invalid sizes or dtype");
+        return NULL;
+    }
+    /* Every length must fit its row of the table and every block the cache: the loops
+     * below trust them. */
+    base.block_table = (const int64_t *)(uintptr_t)block_table;
+    base.seq_lens = (const int64_t *)(uintptr_t)seq_lens;
+    base.max_seq_len = 0;
+    const int64_t num_blocks = num_slots / base.block_size;
+    for (int64_t s = 0; s < base.num_seqs; s++) {
+        const int64_t len = base.seq_lens[s];
+        if (len < 1 || len > base.max_blocks * base.block_size) {
+            PyErr_Format(PyExc_ValueError,
+                         "paged_attention_decode: sequence %lld has length %lld; its block "
+                         "table row holds 1 to %lld tokens",
+                         (long long)s, (long long)len, (long long)(base.max_blocks * base.block_size));
+            return NULL;
+        }
+        for (int64_t b = 0; b < (len + base.block_size - 1) / base.block_size; b++) {
+            const int64_t id = base.block_table[s * base.max_blocks + b];
+            if (id < 0 || id >= num_blocks) {
+                PyErr_Format(PyExc_ValueError,
+                             "paged_attention_decode: block id %lld of sequence %lld is outside "
+                             "the cache's %lld blocks",
+                             (long long)id, (long long)s, (long long)num_blocks);
+                return NULL;
+            }
+        }
+        if (len > base.max_seq_len) base.max_seq_len = len;
+    }
+    base.out_f32 = (float *)(uintptr_t)out;
+    base.query = (const void *)(uintptr_t)query;
+    base.key_cache = (const void *)(uintptr_t)key_cache;
+    base.value_cache = (const void *)(uintptr_t)value_cache;
+    base.error = 0;
+
+    const int64_t items = base.num_seqs;
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
+    Job jobs[MAX_THREADS];
+    pthread_t threads[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS;
+    for (int i = 0; i < num_threads; i++) {
+        jobs[i] = base;
+        jobs[i].begin = items * i / num_threads;
+        jobs[i].end = items * (i + 1) / num_threads;
+    }
+    /* The calling thread runs job 0 itself. */
+    for (int i = 1; i < num_threads; i++)
+        started[i] = pthread_create(&threads[i], NULL, run_job, &jobs[i]) == 0;
+    run_job(&jobs[0]);
+    for (int i = 1; i < num_threads; i++) {
+        if (started[i])
+            pthread_join(threads[i], NULL);
+        else
+            run_job(&jobs[i]); /* could not start a thread: do its share here */
+    }
+    for (int i = 0; i < num_threads; i++) failed |= jobs[i].error;
+    Py_END_ALLOW_THREADS;
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"paged_attention_decode", paged_attention_decode, METH_VARARGS,
+     "Decode-step paged attention into a float32 output (see csrc/cpu/paged_attention.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
