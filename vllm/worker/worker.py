@@ -11,7 +11,7 @@ from vllm.config import VllmConfig
 from vllm.distributed import init_distributed_environment
 from vllm.logger import init_logger
 from vllm.sequence import ModelRunnerOutput, SchedulerOutput
-from vllm.utils import process_memory
+from vllm.utils import process_memory, tune_cpu_malloc
 from vllm.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
@@ -38,6 +38,7 @@ class Worker:
         else:
             self.device = torch.device("cpu")
             backend = "gloo"
+            tune_cpu_malloc()
         init_distributed_environment(world_size, self.rank, self.distributed_init_method, backend)
         torch.manual_seed(self.vllm_config.model_config.seed)
         self.model_runner = ModelRunner(self.vllm_config, self.device, is_driver=self.rank == 0)
