@@ -12,8 +12,10 @@ setup(
         Extension(
             "vllm._C",
             sources=["csrc/cpu/paged_attention.c"],
-            # -fopenmp-simd: honour `omp simd` vectorisation hints; no OpenMP runtime.
-            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp-simd", "-Wno-psabi"],
+            # -fopenmp links libgomp.so.1: at run time that resolves to the OpenMP
+            # runtime torch has loaded, so the kernel runs on torch's thread pool.
+            extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-Wno-psabi"],
+            extra_link_args=["-fopenmp"],
             optional=True,
         )
     ]

@@ -20,13 +20,15 @@
 #include <Python.h>
 
 #include <math.h>
-#include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
-enum { MAX_THREADS = 64, MAX_HEAD_SIZE = 256 };
+enum { MAX_HEAD_SIZE = 256 };
 
 typedef struct {
     float *out_f32; /* [num_seqs, num_heads, head_size] float32 results */
@@ -147,8 +149,7 @@ static inline __attribute__((always_inline)) void seq_attention(
 #define MULTIVERSION
 #endif
 
-MULTIVERSION static void *run_job(void *arg) {
-    Job *j = (Job *)arg;
+MULTIVERSION static void run_job(Job *j) {
     const int64_t d = j->head_size, heads = j->num_heads, max_len = j->max_seq_len;
     const int64_t row_len = j->num_kv_heads * d; /* elements of one cache slot */
     const int f32 = j->dtype == DTYPE_F32;
@@ -159,7 +160,7 @@ MULTIVERSION static void *run_job(void *arg) {
     void *mem = malloc(sizeof(float *) * 2 * (size_t)max_len + sizeof(float) * floats);
     if (mem == NULL) {
         j->error = 1;
-        return NULL;
+        return;
     }
     const float **k_rows = (const float **)mem, **v_rows = k_rows + max_len;
     float *q = (float *)(v_rows + max_len), *scores = q + heads * d;
@@ -191,7 +192,6 @@ MULTIVERSION static void *run_job(void *arg) {
         }
     }
     free(mem);
-    return NULL;
 }
 
 static PyObject *paged_attention_decode(PyObject *self, PyObject *args) {
@@ -245,31 +245,29 @@ static PyObject *paged_attention_decode(PyObject *self, PyObject *args) {
     base.value_cache = (const void *)(uintptr_t)value_cache;
     base.error = 0;
 
+    /* Sequences are split evenly over OpenMP threads. Linked against libgomp.so.1, this
+     * module shares the OpenMP runtime torch has already loaded, and so its thread
+     * pool: no extra threads competing with torch's for the cores. */
     const int64_t items = base.num_seqs;
     if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
-    Job jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
-    for (int i = 0; i < num_threads; i++) {
-        jobs[i] = base;
-        jobs[i].begin = items * i / num_threads;
-        jobs[i].end = items * (i + 1) / num_threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+#endif
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int tid = 0, nt = 1;
+#endif
+        Job job = base;
+        job.begin = items * tid / nt;
+        job.end = items * (tid + 1) / nt;
+        run_job(&job);
+        failed |= job.error;
     }
-    /* The calling thread runs job 0 itself. */
-    for (int i = 1; i < num_threads; i++)
-        started[i] = pthread_create(&threads[i], NULL, run_job, &jobs[i]) == 0;
-    run_job(&jobs[0]);
-    for (int i = 1; i < num_threads; i++) {
-        if (started[i])
-            pthread_join(threads[i], NULL);
-        else
-            run_job(&jobs[i]); /* could not start a thread: do its share here */
-    }
-    for (int i = 0; i < num_threads; i++) failed |= jobs[i].error;
     Py_END_ALLOW_THREADS;
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
