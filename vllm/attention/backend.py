@@ -37,15 +37,26 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V goes
     prefills: list[PrefillSeq] = field(default_factory=list)
     # Decodes, batched: flattened token index, block tables (padded with block 0) and
-    # context lengths for the kernel; context slots (padded with slot 0) and a validity
-    # mask for the torch path.
+    # context lengths.
     decode_token_idx: torch.Tensor | None = None  # [B]
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks] int64
     decode_seq_lens: torch.Tensor | None = None  # [B] int64
-    decode_kv_slots: torch.Tensor | None = None  # [B, max_len] int64
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_len] bool
     block_size: int = 16
     use_kernel: bool = False
+    # The torch path's context slots and validity mask, derived on first use.
+    _decode_slots_and_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def decode_slots_and_mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, max_len] cache slot of every context position (slot 0 past the end) and
+        the [B, 1, 1, max_len] mask of the real ones; computed once per step."""
+        if self._decode_slots_and_mask is None:
+            lens, tables, bs = self.decode_seq_lens, self.decode_block_tables, self.block_size
+            pos = torch.arange(int(lens.max()), device=lens.device)
+            valid = pos[None, :] < lens[:, None]
+            slots = tables[:, pos // bs] * bs + pos % bs
+            slots = torch.where(valid, slots, 0)
+            self._decode_slots_and_mask = (slots, valid[:, None, None, :])
+        return self._decode_slots_and_mask
 
 
 def _slots(block_ids: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -77,23 +88,14 @@ def build_attention_metadata(
     meta = AttentionMetadata(slot_mapping=slot_mapping, prefills=prefills)
     if dec_idx:
         max_blocks = max(len(b) for b in dec_blocks)
-        max_len = max(dec_lens)
         tables = np.zeros((len(dec_idx), max_blocks), dtype=np.int64)  # pad: block 0
-        slots = np.zeros((len(dec_idx), max_len), dtype=np.int64)  # pad: slot 0
-        pos = np.arange(max_len)
-        for i, (blocks, n) in enumerate(zip(dec_blocks, dec_lens)):
+        for i, blocks in enumerate(dec_blocks):
             tables[i, : len(blocks)] = blocks
-            slots[i, :n] = _slots(blocks, pos[:n], block_size)
-        lens = torch.tensor(dec_lens, dtype=torch.int64)
         meta.decode_token_idx = torch.tensor(dec_idx, device=device)
         meta.decode_block_tables = torch.from_numpy(tables).to(device)
-        meta.decode_seq_lens = lens.to(device)
+        meta.decode_seq_lens = torch.tensor(dec_lens, dtype=torch.int64, device=device)
         meta.block_size = block_size
         meta.use_kernel = ops.HAS_CPU_KERNELS and torch.device(device).type == "cpu"
-        # The torch path's inputs (also used by layers whose head size the kernel lacks).
-        meta.decode_kv_slots = torch.from_numpy(slots).to(device)
-        valid = torch.from_numpy(pos[None, :] < lens.numpy()[:, None])
-        meta.decode_mask = valid.to(device)[:, None, None, :]
     return meta
 
 
@@ -164,11 +166,12 @@ def _decode_attention_torch(
     # index_select on the flat slot list copies whole rows: several times faster on the
     # CPU than advanced indexing with a 2-D index. Only written slots are gathered (the
     # padding is slot 0, kept finite): a masked-out NaN would still poison 0 * NaN.
-    b, length = meta.decode_kv_slots.shape
-    flat = meta.decode_kv_slots.view(-1)
+    slots, mask = meta.decode_slots_and_mask()
+    b, length = slots.shape
+    flat = slots.view(-1)
     kd = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)
     vd = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa
+        q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=gqa
     )
     return o.squeeze(2)
