@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -424,23 +425,26 @@ def test_weights_iterator_counts_bytes(tmp_path):
     assert stats.bytes_read == _data_bytes(a) + 4 * 6 * 4
 
 
-@pytest.fixture(autouse=True)
-def exact_slices(monkeypatch):
-    """Read column slices run by run even for tiny rows (see the next test for those)."""
-    monkeypatch.setattr(safetensors_io, "_MIN_RUN_BYTES", 0)
-
-
-def test_short_runs_read_whole_rows(tmp_path, monkeypatch):
-    """Columns of rows shorter than a page are read with their whole rows (one read, not
-    one per row) and still give exactly the slice."""
-    monkeypatch.setattr(safetensors_io, "_MIN_RUN_BYTES", 4096)
-    w = torch.randn(300, 64)  # rows of 256 bytes
+def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
+    """A column range of every row (a row-parallel weight's rank slice) is copied out of
+    a mapping in one go, not read row by row; the mapping is gone afterwards."""
+    w = torch.randn(300, 64)
     path, _, _ = _write(tmp_path, "rows.safetensors", {"w": w})
+    reads = []
+    original = safetensors_io.preadv_fully
+    monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
     stats = ReadStats()
-    with SafetensorsFile(path, stats) as f:
-        got = f.get_slice("w").narrow(1, 16, 16)[:]
-    assert torch.equal(got, w[:, 16:32])
-    assert stats.bytes_read == w.nbytes
+    pool = ThreadPoolExecutor(2)
+    with SafetensorsFile(path, stats, pool) as f:
+        out = torch.empty(300, 16)
+        f.get_slice("w").narrow(1, 16, 16).read_into(out)
+        f.wait()
+        assert torch.equal(out, w[:, 16:32])
+        assert stats.bytes_read == out.nbytes
+        assert not reads
+        with open("/proc/self/maps") as maps:
+            assert path not in maps.read()
+    pool.shutdown()
 
 
 def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):

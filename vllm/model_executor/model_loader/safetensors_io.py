@@ -1,9 +1,10 @@
-"""Safetensors files read and written directly, without a memory map.
+"""Safetensors files read and written directly, without a long-lived memory map.
 
 Writing streams each tensor's bytes once, in large writes, and computes the file's
 CRC-32 on the way. ``read_header`` parses and checks a header, so a truncated or
 inconsistent file is named before any data is read. ``SafetensorsFile`` reads tensors, or
-slices of them, straight into their destination tensors (the default loader);
+slices of them, straight into their destination tensors (the default loader; a strided
+slice is copied out of a mapping that lasts only for that copy);
 ``parallel_reader`` reads whole files with several threads (the sharded-state loader).
 
 The files are standard safetensors (8-byte little-endian header length, JSON header,
@@ -12,8 +13,8 @@ data), readable by ``safetensors.safe_open`` and by upstream vLLM.
 
 from __future__ import annotations
 
-import itertools
 import json
+import math
 import mmap
 import os
 import struct
@@ -47,13 +48,10 @@ DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # A header larger than this is not a header (safetensors itself caps it at 100 MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-# Largest single read; Linux returns at most ~2 GiB per read() anyway.
 # Largest single write: Linux moves at most ~2 GiB per call; smaller chunks let the
 # checksum of one chunk overlap the write of the next.
 _WRITE_CHUNK = 64 << 20
 IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
-# A slice whose contiguous runs are shorter than this is read with its whole rows.
-_MIN_RUN_BYTES = 4096
 # Reads a SafetensorsFile queues on its pool are cut into tasks of about this size.
 _TASK_BYTES = 16 << 20
 
@@ -343,6 +341,33 @@ class SafetensorsFile:
         if batch:
             self._pending.append(self.pool.submit(self._read, batch))
 
+    def copy_mapped(
+        self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor, wait: bool
+    ) -> None:
+        """Copy ``box`` of ``entry`` into ``dst`` from a private mapping of the tensor's
+        pages (queued on the pool unless ``wait``); the mapping is gone on return."""
+        self.stats.bytes_read += dst.nbytes
+        if self.pool is None or wait:
+            self._copy_mapped(entry, box, dst)
+        else:
+            self._pending.append(self.pool.submit(self._copy_mapped, entry, box, dst))
+
+    def _copy_mapped(
+        self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor
+    ) -> None:
+        first = entry.start - entry.start % mmap.PAGESIZE
+        mapped = mmap.mmap(self.fd, entry.end - first, offset=first, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        try:
+            src = torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :]
+            src = src.view(entry.dtype).view(entry.shape)
+            for dim, (a, b) in enumerate(box):
+                src = src.narrow(dim, a, b - a)
+            dst.copy_(src)
+            del src  # release the buffer so the mapping can close
+        finally:
+            mapped.close()
+
     def _read(self, runs: list[tuple[int, memoryview]]) -> None:
         for offset, view in runs:
             preadv_fully(self.fd, [view], offset, self.path)
@@ -370,9 +395,9 @@ class SafetensorsFile:
 
 class TensorSlice:
     """A box of a tensor in a ``SafetensorsFile``: ``narrow`` it, then ``read_into`` a
-    tensor (or index it, ``[:]``, for a new tensor). Reads exactly the box's bytes: one
-    read when the box is contiguous in the file, one read per contiguous run otherwise
-    (e.g. per row for a column range)."""
+    tensor (or index it, ``[:]``, for a new tensor). Takes exactly the box's bytes: one
+    read when the box is contiguous in the file; otherwise (e.g. a column range of every
+    row) one strided copy out of a short-lived mapping of the tensor's pages."""
 
     def __init__(self, file: SafetensorsFile, entry: TensorEntry, box: tuple[tuple[int, int], ...]):
         self.file = file
@@ -419,34 +444,19 @@ class TensorSlice:
             raise ValueError(f"read_into: {list(dst.shape)} != slice {self.get_shape()}.")
         if self.file.fd < 0:
             raise ShardFileError(f"{self.file.path} was closed before {self.entry.name} was read.")
-        out = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-        shape, box, itemsize = self.entry.shape, self.box, self.dtype.itemsize
-        # Dims after the last narrowed one are whole: each run covers them in one read.
+        shape, box = self.entry.shape, self.box
+        # Dims after the last narrowed one are whole. With no dim narrowed, or only the
+        # first, the box is one contiguous run of the file: one read straight into dst.
         cut = max((i for i, (a, b) in enumerate(box) if (a, b) != (0, shape[i])), default=-1)
-        strides = [itemsize] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        if cut < 0 or len(out) == 0:
-            runs = [(self.entry.start, len(out))]
-        elif cut > 0 and (box[cut][1] - box[cut][0]) * strides[cut] < _MIN_RUN_BYTES:
-            # Runs shorter than a page (the columns of a narrow row-parallel weight): the
-            # disk reads whole pages anyway, and a read per run costs more than it moves.
-            # Read whole rows in one go and keep this slice's columns.
-            whole = box[:cut] + ((0, shape[cut]),) + box[cut + 1 :]
-            rows = torch.empty([b - a for a, b in whole], dtype=self.dtype)
-            TensorSlice(self.file, self.entry, whole).read_into(rows, wait=True)
-            dst.copy_(rows.narrow(cut, box[cut][0], box[cut][1] - box[cut][0]))
+        if dst.numel() and cut > 0 and any(b - a > 1 for a, b in box[:cut]):
+            # Many runs (e.g. a column range of every row of a row-parallel weight): a read
+            # per run would cost a syscall and Python work per row. Copy the box out of a
+            # mapping of the tensor's pages instead, in one strided copy.
+            self.file.copy_mapped(self.entry, box, dst, wait=wait)
             return
-        else:
-            run = (box[cut][1] - box[cut][0]) * strides[cut]
-            base = self.entry.start + box[cut][0] * strides[cut]
-            runs = [
-                (base + sum(i * s for i, s in zip(idx, strides)), run)
-                for idx in itertools.product(*(range(a, b) for a, b in box[:cut]))
-            ]
-        views = []
-        done = 0
-        for offset, nbytes in runs:
-            views.append((offset, out[done : done + nbytes]))
-            done += nbytes
-        self.file.read_runs(views, wait=wait)
+        out = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+        offset = self.entry.start
+        itemsize = self.dtype.itemsize
+        for i, (a, _) in enumerate(box):  # the box's first element, row-major
+            offset += a * itemsize * math.prod(shape[i + 1 :])
+        self.file.read_runs([(offset, out)], wait=wait)
