@@ -433,6 +433,7 @@ def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
     reads = []
     original = safetensors_io.preadv_fully
     monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
+    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)  # through the pool
     stats = ReadStats()
     pool = ThreadPoolExecutor(2)
     with SafetensorsFile(path, stats, pool) as f:
@@ -451,6 +452,7 @@ def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
     """read_into through the iterator only queues reads (several threads, big reads
     split): every parameter holds its bytes once the iteration is over."""
     monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 256)  # many tasks per tensor
+    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)  # queue even tiny reads
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
     a = {f"w{i}": torch.randn(40, 33) for i in range(6)}
     path, _, _ = _write(tmp_path, "q.safetensors", a)
@@ -461,9 +463,10 @@ def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
     _assert_same({k: got[k] for k in a if k != "w0"}, {k: a[k] for k in a if k != "w0"})
 
 
-def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path):
+def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path, monkeypatch):
     """A read that fails on a pool thread (file truncated meanwhile) is raised, naming
     the file, by the loop over the weights, not lost."""
+    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)
     path, _, _ = _write(tmp_path, "t.safetensors", {"w": torch.randn(64, 64)})
     dst = torch.empty(64, 64)
     with pytest.raises(ShardFileError, match="t.safetensors ended early"):

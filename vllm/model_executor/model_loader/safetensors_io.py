@@ -54,6 +54,9 @@ _WRITE_CHUNK = 64 << 20
 IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
 # Reads a SafetensorsFile queues on its pool are cut into tasks of about this size.
 _TASK_BYTES = 16 << 20
+# Smaller reads are done on the calling thread: handing one to the pool costs more
+# than it moves (for 11k small tensors, 2-3x the whole load).
+_INLINE_BYTES = 1 << 20
 
 
 class ShardFileError(ValueError):
@@ -302,8 +305,9 @@ class SafetensorsFile:
     Like ``safetensors.safe_open(...).get_slice(name)``, without a memory map: the
     bytes go straight from the file into the destination tensor (``TensorSlice.read_into``),
     so loading holds no file pages in the process's memory and no second copy. With a
-    ``pool``, ``read_into`` queues its reads there and returns at once; ``wait()`` (or
-    ``close()``) returns when they are done and raises the first read error.
+    ``pool``, ``read_into`` queues its reads there (those under ``_INLINE_BYTES`` are
+    done at once) and returns; ``wait()`` (or ``close()``) returns when they are done and
+    raises the first read error.
     """
 
     def __init__(self, path: str, stats: ReadStats | None = None, pool: Executor | None = None):
@@ -324,8 +328,9 @@ class SafetensorsFile:
 
     def read_runs(self, runs: list[tuple[int, memoryview]], wait: bool = False) -> None:
         """Read each (file offset, buffer) run; queued on the pool unless ``wait``."""
-        self.stats.bytes_read += sum(len(view) for _, view in runs)
-        if self.pool is None or wait:
+        nbytes = sum(len(view) for _, view in runs)
+        self.stats.bytes_read += nbytes
+        if self.pool is None or wait or nbytes < _INLINE_BYTES:
             self._read(runs)
             return
         batch: list[tuple[int, memoryview]] = []
@@ -347,7 +352,7 @@ class SafetensorsFile:
         """Copy ``box`` of ``entry`` into ``dst`` from a private mapping of the tensor's
         pages (queued on the pool unless ``wait``); the mapping is gone on return."""
         self.stats.bytes_read += dst.nbytes
-        if self.pool is None or wait:
+        if self.pool is None or wait or dst.nbytes < _INLINE_BYTES:
             self._copy_mapped(entry, box, dst)
         else:
             self._pending.append(self.pool.submit(self._copy_mapped, entry, box, dst))
