@@ -302,9 +302,11 @@ class ReadStats:
 class SafetensorsFile:
     """A safetensors file whose tensors are read on demand, only the part asked for.
 
-    Like ``safetensors.safe_open(...).get_slice(name)``, without a memory map: the
-    bytes go straight from the file into the destination tensor (``TensorSlice.read_into``),
-    so loading holds no file pages in the process's memory and no second copy. With a
+    Like ``safetensors.safe_open(...).get_slice(name)``, without a lasting memory map:
+    the bytes go straight from the file into the destination tensor
+    (``TensorSlice.read_into``; a strided slice through a mapping of its tensor that is
+    closed after the copy), so loading holds no file pages in the process's memory and
+    no second copy. With a
     ``pool``, ``read_into`` queues its reads there (those under ``_INLINE_BYTES`` are
     done at once) and returns; ``wait()`` (or ``close()``) returns when they are done and
     raises the first read error.
