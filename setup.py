@@ -5,13 +5,16 @@ Python's headers, not torch; if it cannot be built the install still succeeds an
 engine uses its pure-torch paths (``vllm._custom_ops.HAS_CPU_KERNELS`` says which).
 """
 
+import glob
+
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
             "vllm._C",
-            sources=["csrc/cpu/paged_attention.c"],
+            sources=sorted(glob.glob("csrc/cpu/*.c")),
+            depends=glob.glob("csrc/cpu/*.h"),
             # -fopenmp links libgomp.so.1: at run time that resolves to the OpenMP
             # runtime torch has loaded, so the kernel runs on torch's thread pool.
             extra_compile_args=["-O3", "-std=gnu11", "-fopenmp", "-Wno-psabi"],

@@ -2,7 +2,12 @@
 
 ``vllm._C`` is optional: when it was not built (no C compiler at install time) or
 ``VLLM_USE_CPU_KERNELS=0`` is set, ``HAS_CPU_KERNELS`` is False and callers take their
-pure-torch paths.
+pure-torch paths. Layers ask ``use_cpu_kernels(x)`` before calling a kernel here.
+
+The in-place kernels keep upstream vLLM's names and argument order (``rms_norm``,
+``fused_add_rms_norm``, ``silu_and_mul``, ``rotary_embedding``, ``reshape_and_cache``);
+their rotary table is upstream's ``cos_sin_cache`` layout ([max_position, rotary_dim],
+cos then sin).
 """
 
 from __future__ import annotations
@@ -20,6 +25,224 @@ HAS_CPU_KERNELS = _C is not None and os.environ.get("VLLM_USE_CPU_KERNELS", "1")
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _MAX_HEAD_SIZE = 256
+
+
+def use_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the C kernels can take ``x``: built, enabled, on the CPU, a supported dtype."""
+    return HAS_CPU_KERNELS and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+
+
+def _check(cond: bool, op: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"{op}: {message}")
+
+
+def _check_tensor(x: torch.Tensor, op: str) -> None:
+    if _C is None:
+        raise RuntimeError("vllm._C is not built; reinstall with a C compiler available.")
+    _check(
+        x.device.type == "cpu" and x.dtype in _DTYPE_CODES,
+        op,
+        f"needs a CPU tensor of {list(_DTYPE_CODES)}; got {x.dtype} on {x.device}.",
+    )
+
+
+def _rows(x: torch.Tensor, op: str) -> tuple[int, int]:
+    """(rows, row stride) of a tensor whose last dim is packed and whose other dims
+    flatten to rows of one stride."""
+    _check_tensor(x, op)
+    _check(x.dim() >= 1 and x.stride(-1) == 1, op, "the last dim must be contiguous.")
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dim() == 1:
+        return 1, x.shape[0]
+    stride = x.stride(-2)
+    for i in range(x.dim() - 3, -1, -1):  # leading dims must flatten onto one row stride
+        _check(
+            x.shape[i] == 1 or x.stride(i) == x.stride(i + 1) * x.shape[i + 1],
+            op,
+            "rows must be evenly strided.",
+        )
+    return rows, stride
+
+
+def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    """out = weight * input / sqrt(mean(input^2) + epsilon), row by row (float32 inside)."""
+    _fused_rms_norm(out, input, None, weight, epsilon, "rms_norm")
+
+
+def fused_add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
+) -> None:
+    """In place: residual = input + residual; input = rms_norm(residual) (upstream's op)."""
+    _fused_rms_norm(input, input, residual, weight, epsilon, "fused_add_rms_norm")
+
+
+def _fused_rms_norm(out, x, residual, weight, eps, op) -> None:
+    hidden = x.shape[-1]
+    for t in (out, x) if residual is None else (x, residual):
+        _check(
+            t.is_contiguous() and t.shape == x.shape and t.dtype == x.dtype,
+            op,
+            "input, out and residual must be contiguous with one shape and dtype.",
+        )
+    _check(
+        weight.shape == (hidden,) and weight.dtype == x.dtype and weight.is_contiguous(),
+        op,
+        f"weight must be a contiguous [{hidden}] tensor of {x.dtype}.",
+    )
+    _rows(x, op)
+    _C.rms_norm(
+        out.data_ptr(),
+        x.data_ptr(),
+        0 if residual is None else residual.data_ptr(),
+        weight.data_ptr(),
+        x.numel() // hidden,
+        hidden,
+        eps,
+        _DTYPE_CODES[x.dtype],
+        torch.get_num_threads(),
+    )
+
+
+def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
+    """out = silu(input[..., :d]) * input[..., d:], float32 inside."""
+    rows, stride = _rows(input, "silu_and_mul")
+    d = input.shape[-1] // 2
+    _check(
+        input.shape[-1] == 2 * d and out.shape == input.shape[:-1] + (d,),
+        "silu_and_mul",
+        f"out must be {list(input.shape[:-1]) + [d]} for input {list(input.shape)}.",
+    )
+    _check(
+        out.is_contiguous() and out.dtype == input.dtype,
+        "silu_and_mul",
+        "out must be contiguous, in input's dtype.",
+    )
+    _C.silu_and_mul(
+        out.data_ptr(),
+        input.data_ptr(),
+        rows,
+        d,
+        stride,
+        _DTYPE_CODES[input.dtype],
+        torch.get_num_threads(),
+    )
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+) -> None:
+    """Neox-style rotary embedding, in place on query [T, Hq * D] and key [T, Hkv * D].
+
+    cos_sin_cache: float32 [max_position, rotary_dim], cos then sin of each position.
+    Positions outside the table raise ``ValueError``.
+    """
+    op = "rotary_embedding"
+    tokens, q_stride = _rows(query, op)
+    k_tokens, k_stride = _rows(key, op)
+    _check(
+        positions.dtype == torch.int64
+        and positions.is_contiguous()
+        and positions.numel() == tokens == k_tokens,
+        op,
+        f"positions must be contiguous int64 with one entry per token ({tokens}).",
+    )
+    _check(
+        query.shape[-1] % head_size == 0
+        and key.shape[-1] % head_size == 0
+        and key.dtype == query.dtype,
+        op,
+        f"rows must be whole heads of {head_size}.",
+    )
+    _check(
+        cos_sin_cache.dtype == torch.float32
+        and cos_sin_cache.is_contiguous()
+        and cos_sin_cache.dim() == 2
+        and cos_sin_cache.shape[1] % 2 == 0
+        and cos_sin_cache.shape[1] <= head_size,
+        op,
+        "cos_sin_cache must be a contiguous float32 [max_position, rotary_dim] table.",
+    )
+    half = cos_sin_cache.shape[1] // 2
+    _C.rotary_embedding(
+        positions.data_ptr(),
+        query.data_ptr(),
+        key.data_ptr(),
+        tokens,
+        query.shape[-1] // head_size,
+        key.shape[-1] // head_size,
+        head_size,
+        2 * half,
+        q_stride,
+        k_stride,
+        cos_sin_cache.data_ptr(),
+        cos_sin_cache.shape[0],
+        _DTYPE_CODES[query.dtype],
+        torch.get_num_threads(),
+    )
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """key_cache[slot_mapping[t]] = key[t] and likewise for values.
+
+    key, value: [T, Hkv, D] with packed heads; caches: [num_slots, Hkv, D] contiguous.
+    Slots outside the cache raise ``ValueError``.
+    """
+    op = "reshape_and_cache"
+    tokens = key.shape[0]
+    row = key[0].numel() if tokens else 0
+    for t in (key, value):
+        _check(
+            t.dim() == 3
+            and t.shape == key.shape
+            and t.dtype == key.dtype
+            and t.stride(2) == 1
+            and t.stride(1) == t.shape[2],
+            op,
+            "key and value must be [T, Hkv, D] with packed heads.",
+        )
+        _check_tensor(t, op)
+    for c in (key_cache, value_cache):
+        _check(
+            c.is_contiguous()
+            and c.shape[1:] == key.shape[1:]
+            and c.dtype == key.dtype
+            and c.shape == key_cache.shape,
+            op,
+            f"caches must be contiguous [num_slots, {', '.join(map(str, key.shape[1:]))}] "
+            f"of {key.dtype}.",
+        )
+    _check(
+        slot_mapping.dtype == torch.int64
+        and slot_mapping.is_contiguous()
+        and slot_mapping.shape == (tokens,),
+        op,
+        f"slot_mapping must be int64 [{tokens}].",
+    )
+    if tokens:
+        _C.reshape_and_cache(
+            key.data_ptr(),
+            value.data_ptr(),
+            key_cache.data_ptr(),
+            value_cache.data_ptr(),
+            slot_mapping.data_ptr(),
+            tokens,
+            row,
+            key.stride(0),
+            value.stride(0),
+            key_cache.shape[0],
+            _DTYPE_CODES[key.dtype],
+        )
 
 
 def decode_kernel_supports(head_size: int, dtype: torch.dtype) -> bool:

@@ -16,18 +16,8 @@
  * Query head h attends with kv head h / (num_heads / num_kv_heads), as in GQA.
  * Accumulation is in float32 for every storage dtype.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "cpu_types.h"
 
-#include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { MAX_HEAD_SIZE = 256 };
 
 typedef struct {
@@ -42,64 +32,6 @@ typedef struct {
     int64_t begin, end;
     int error;
 } Job;
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float f16_to_f32(uint16_t h) {
-    _Float16 v;
-    memcpy(&v, &h, sizeof v);
-    return (float)v;
-}
-
-/* Copy n elements of any supported dtype into float32. */
-static void to_f32(float *dst, const void *src, int64_t n, int dtype) {
-    if (dtype == DTYPE_F32) {
-        memcpy(dst, src, (size_t)n * sizeof(float));
-    } else if (dtype == DTYPE_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int64_t i = 0; i < n; i++) dst[i] = f16_to_f32(s[i]);
-    }
-}
-
-/* Eight floats; GCC/Clang lower it to one AVX register or two SSE ones. aligned(4)
- * makes loads and stores through it unaligned-safe. */
-typedef float v8f __attribute__((vector_size(32), aligned(4)));
-typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-
-static inline float hsum(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-/* exp(x) for x <= 0, relative error below 1e-6: x = n ln2 + r with |r| <= ln2 / 2,
- * exp(r) by its degree-6 Taylor polynomial, 2^n through the exponent bits. */
-static inline v8f exp_nonpositive(v8f x) {
-    const v8i low = x < splat(-87.0f); /* lanes all ones where x < -87 */
-    x = (v8f)(((v8i)x & ~low) | ((v8i)splat(-87.0f) & low));
-    const v8i n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, v8i); /* round */
-    const v8f nf = __builtin_convertvector(n, v8f);
-    const v8f r = x - nf * 0.693145751953125f - nf * 1.42860682030941723e-6f;
-    v8f p = splat(1.0f / 720.0f);
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const v8i bits = (n + 127) << 23;
-    v8f two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return p * two_n;
-}
 
 /*
  * One sequence, every head. k_rows/v_rows[t] point at token t's cache slot (all kv
@@ -126,7 +58,7 @@ static inline __attribute__((always_inline)) void seq_attention(
         for (int64_t t = len; t < padded; t++) sc[t] = -INFINITY; /* exp gives 0 */
         v8f sum8 = splat(0.0f);
         for (int64_t t = 0; t < padded; t += 8) {
-            v8f e = exp_nonpositive(*(v8f *)(sc + t) - m);
+            v8f e = exp_v8(*(v8f *)(sc + t) - m);
             *(v8f *)(sc + t) = e;
             sum8 += e;
         }
@@ -141,13 +73,6 @@ static inline __attribute__((always_inline)) void seq_attention(
         for (int64_t i = 0; i < nv; i++) ((v8f *)(out + h * d))[i] = acc[i] * inv;
     }
 }
-
-/* x86-64-v3 (AVX2 + FMA) and baseline versions, picked at load time. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSION
-#endif
 
 MULTIVERSION static void run_job(Job *j) {
     const int64_t d = j->head_size, heads = j->num_heads, max_len = j->max_seq_len;
@@ -169,7 +94,7 @@ MULTIVERSION static void run_job(Job *j) {
     for (int64_t s = j->begin; s < j->end; s++) {
         const int64_t len = j->seq_lens[s];
         const int64_t *blocks = j->block_table + s * j->max_blocks;
-        to_f32(q, (const char *)j->query + (size_t)(s * j->q_stride) * esize, heads * d, j->dtype);
+        load_f32(q, (const char *)j->query + (size_t)(s * j->q_stride) * esize, heads * d, j->dtype);
         for (int64_t t = 0; t < len; t++) {
             const size_t slot = (size_t)(blocks[t / j->block_size] * j->block_size + t % j->block_size);
             const char *k = (const char *)j->key_cache + slot * (size_t)row_len * esize;
@@ -178,8 +103,8 @@ MULTIVERSION static void run_job(Job *j) {
                 k_rows[t] = (const float *)k;
                 v_rows[t] = (const float *)v;
             } else {
-                to_f32(k_f32 + t * row_len, k, row_len, j->dtype);
-                to_f32(v_f32 + t * row_len, v, row_len, j->dtype);
+                load_f32(k_f32 + t * row_len, k, row_len, j->dtype);
+                load_f32(v_f32 + t * row_len, v, row_len, j->dtype);
                 k_rows[t] = k_f32 + t * row_len;
                 v_rows[t] = v_f32 + t * row_len;
             }
@@ -194,7 +119,7 @@ MULTIVERSION static void run_job(Job *j) {
     free(mem);
 }
 
-static PyObject *paged_attention_decode(PyObject *self, PyObject *args) {
+PyObject *vllm_paged_attention_decode(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long out, query, key_cache, value_cache, block_table, seq_lens;
     Job base;
@@ -272,13 +197,3 @@ static PyObject *paged_attention_decode(PyObject *self, PyObject *args) {
     if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
-
-static PyMethodDef methods[] = {
-    {"paged_attention_decode", paged_attention_decode, METH_VARARGS,
-     "Decode-step paged attention into a float32 output (see csrc/cpu/paged_attention.c)."},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -8,12 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm import _custom_ops as ops
+
 
 class SiluAndMul(nn.Module):
     """silu(x[..., :d]) * x[..., d:] for a fused gate_up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
+        if ops.use_cpu_kernels(x) and x.stride(-1) == 1:
+            out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype)
+            ops.silu_and_mul(out, x)
+            return out
         return F.silu(x[..., :d]) * x[..., d:]
 
 

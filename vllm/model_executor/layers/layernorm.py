@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vllm import _custom_ops as ops
 from vllm.model_executor.utils import default_weight_loader, set_weight_attrs
 
 
@@ -21,7 +22,19 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Normalise ``x`` (after adding ``residual`` when given, returning the sum too)."""
+        """Normalise ``x`` (after adding ``residual`` when given, returning the sum too).
+
+        With the C kernels (CPU) the residual add is fused and done in place: ``x`` and
+        ``residual`` are overwritten with the output and the sum, as upstream does.
+        """
+        if ops.use_cpu_kernels(x) and x.is_contiguous() and x.dtype == self.weight.dtype:
+            if residual is None:
+                out = torch.empty_like(x)
+                ops.rms_norm(out, x, self.weight, self.eps)
+                return out
+            if residual.is_contiguous():
+                ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+                return x, residual
         if residual is not None:
             x = x + residual
             residual = x

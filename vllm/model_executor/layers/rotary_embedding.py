@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm import _custom_ops as ops
+
 
 def rope_parameters(config: Any) -> dict:
     """The config's rope settings as transformers >= 5 standardises them."""
@@ -34,16 +36,19 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq.float())
-        # cos/sin for half the rotary dims: [max_position, rotary_dim // 2]
-        self.register_buffer("cos_cache", freqs.cos() * attention_scaling, persistent=False)
-        self.register_buffer("sin_cache", freqs.sin() * attention_scaling, persistent=False)
+        # Upstream's layout: [max_position, rotary_dim], cos then sin of half the dims.
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k: [num_tokens, num_heads * head_size]."""
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        """q, k: [num_tokens, num_heads * head_size]. The C kernel (CPU) rotates them in
+        place and returns them; the torch path returns new tensors."""
+        if ops.use_cpu_kernels(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            ops.rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache)
+            return q, k
+        cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,19 @@
+/* The method table of the extension module vllm._C; each kernel lives in its own file. */
+#include "cpu_types.h"
+
+static PyMethodDef methods[] = {
+    {"paged_attention_decode", vllm_paged_attention_decode, METH_VARARGS,
+     "Decode-step paged attention into a float32 output (paged_attention.c)."},
+    {"rms_norm", vllm_rms_norm, METH_VARARGS,
+     "RMSNorm, optionally after the residual add, fused (layernorm.c)."},
+    {"silu_and_mul", vllm_silu_and_mul, METH_VARARGS, "silu(gate) * up (activation.c)."},
+    {"rotary_embedding", vllm_rotary_embedding, METH_VARARGS,
+     "Neox-style rotary embedding in place on query and key rows (pos_encoding.c)."},
+    {"reshape_and_cache", vllm_reshape_and_cache, METH_VARARGS,
+     "Write new keys and values into their KV-cache slots (cache.c)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
