@@ -238,3 +238,43 @@ def test_presence_and_frequency_penalties(llm, hf_model, reference, presence, fr
     got = out.outputs[0].token_ids
     assert got == _penalized_greedy(hf_model, prompt, presence, frequency)
     assert got != reference[0].token_ids
+
+
+@pytest.mark.parametrize("banned,penalty", [(False, False), (True, False), (True, True)])
+def test_sampler_kernel_path_matches_log_softmax(monkeypatch, banned, penalty):
+    # The C path takes each row's argmax and logsumexp in one pass instead of a full
+    # log_softmax: same tokens, same (raw-distribution) logprobs, logits left untouched.
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.layers.sampler import Sampler, SamplingMetadata
+
+    if ops._C is None:
+        pytest.skip("vllm._C was not built")
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 1000, generator=gen) * 4
+    counts = (torch.rand(6, 1000, generator=gen) < 0.01).float() if penalty else None
+    md = SamplingMetadata(
+        all_greedy=True,
+        temperature=torch.ones(6),
+        greedy_mask=torch.ones(6, dtype=torch.bool),
+        top_p=None,
+        top_k=None,
+        min_p=None,
+        generators={},
+        output_counts=counts,
+        prompt_mask=None,
+        presence_penalty=torch.full((6,), 2.0) if penalty else None,
+        frequency_penalty=None,
+        repetition_penalty=None,
+        banned_tokens=[(0, logits[0].topk(3).indices.tolist())] if banned else [],
+        max_num_logprobs=0,
+    )
+    before = logits.clone()
+    monkeypatch.setattr(ops, "HAS_CPU_KERNELS", False)
+    ref = Sampler()(logits.clone(), md)
+    monkeypatch.setattr(ops, "HAS_CPU_KERNELS", True)
+    out = Sampler()(logits, md)
+    assert torch.equal(logits, before)
+    assert torch.equal(out.token_ids, ref.token_ids)
+    torch.testing.assert_close(out.logprobs, ref.logprobs)
+    expected = before.log_softmax(-1).gather(-1, ref.token_ids[:, None]).squeeze(-1)
+    torch.testing.assert_close(out.logprobs, expected)

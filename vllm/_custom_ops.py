@@ -245,6 +245,27 @@ def reshape_and_cache(
         )
 
 
+def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's argmax (int64; first maximum, NaN counting as the maximum, as
+    ``torch.argmax``) and logsumexp (float32) of float32 logits [S, V], in one pass."""
+    op = "argmax_logsumexp"
+    _check(logits.dtype == torch.float32 and logits.dim() == 2, op, "needs float32 [S, V].")
+    rows, stride = _rows(logits, op)
+    ids = torch.empty(rows, dtype=torch.int64)
+    lse = torch.empty(rows, dtype=torch.float32)
+    if rows:
+        _C.argmax_logsumexp(
+            logits.data_ptr(),
+            rows,
+            logits.shape[1],
+            stride,
+            ids.data_ptr(),
+            lse.data_ptr(),
+            torch.get_num_threads(),
+        )
+    return ids, lse
+
+
 def decode_kernel_supports(head_size: int, dtype: torch.dtype) -> bool:
     """Whether ``paged_attention_decode`` takes this head size and dtype (built or not)."""
     return head_size % 8 == 0 and head_size <= _MAX_HEAD_SIZE and dtype in _DTYPE_CODES

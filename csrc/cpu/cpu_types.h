@@ -143,5 +143,6 @@ PyObject *vllm_rms_norm(PyObject *self, PyObject *args);
 PyObject *vllm_silu_and_mul(PyObject *self, PyObject *args);
 PyObject *vllm_rotary_embedding(PyObject *self, PyObject *args);
 PyObject *vllm_reshape_and_cache(PyObject *self, PyObject *args);
+PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args);
 
 #endif

@@ -11,6 +11,8 @@ static PyMethodDef methods[] = {
      "Neox-style rotary embedding in place on query and key rows (pos_encoding.c)."},
     {"reshape_and_cache", vllm_reshape_and_cache, METH_VARARGS,
      "Write new keys and values into their KV-cache slots (cache.c)."},
+    {"argmax_logsumexp", vllm_argmax_logsumexp, METH_VARARGS,
+     "Argmax and logsumexp of float32 logits rows in one pass (sampler.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -164,3 +164,27 @@ def test_kernels_reject_what_they_cannot_take():
         ops.rms_norm(torch.empty(2, 8), torch.randn(2, 8), torch.ones(4), 1e-6)
     with pytest.raises(ValueError, match="needs a CPU tensor"):
         ops.silu_and_mul(torch.empty(2, 4, dtype=torch.int32), torch.ones(2, 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("vocab", [32000, 50257, 5])
+def test_argmax_logsumexp_matches_torch(vocab):
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(40, vocab + 3, generator=gen) * 10
+    logits = wide[:, :vocab]  # strided rows
+    logits[1, vocab // 2] = logits[1, vocab - 1] = 1e4  # a tie: the first index wins
+    logits[2] = -float("inf")
+    logits[2, vocab - 1] = 0.0
+    ids, lse = ops.argmax_logsumexp(logits)
+    assert torch.equal(ids, logits.argmax(dim=-1))
+    torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+
+
+def test_argmax_logsumexp_edge_rows():
+    logits = torch.zeros(3, 20)
+    logits[0, 7] = float("nan")  # NaN counts as the maximum, as in torch.argmax
+    logits[0, 9] = float("nan")
+    logits[1] = -float("inf")  # nothing can be sampled
+    ids, lse = ops.argmax_logsumexp(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist() == [7, 0, 0]
+    assert lse[0].isnan() and lse[1] == -float("inf")
+    torch.testing.assert_close(lse[2], torch.tensor(20.0).log())

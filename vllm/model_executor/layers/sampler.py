@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm import _custom_ops as ops
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -81,18 +83,30 @@ def _random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) 
     q.exponential_()
     for row, gen in generators.items():
         q[row].exponential_(generator=gen)
-    return probs.div(q).argmax(dim=-1)
+    return _argmax(probs.div(q))
 
 
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [S, V] float32 over the real vocabulary."""
-        raw_logprobs = logits.log_softmax(dim=-1)
+        # With the C kernel, one pass gives each row's argmax and logsumexp: the sampled
+        # tokens' logprobs need no [S, V] log_softmax unless top logprobs are asked for.
+        fast = md.max_num_logprobs == 0 and ops.use_cpu_kernels(logits)
+        raw = logits
+        if fast:
+            raw_greedy, raw_lse = ops.argmax_logsumexp(logits)
+        else:
+            raw_logprobs = logits.log_softmax(dim=-1)
         if md.output_counts is not None:
             logits = _apply_penalties(logits, md)
-        for row, tokens in md.banned_tokens:
-            logits[row, tokens] = -float("inf")
-        greedy = logits.argmax(dim=-1)
+        if md.banned_tokens:
+            logits = logits.clone() if logits is raw else logits
+            for row, tokens in md.banned_tokens:
+                logits[row, tokens] = -float("inf")
+        if fast and logits is raw:
+            greedy = raw_greedy
+        else:
+            greedy = _argmax(logits)
         if md.all_greedy:
             token_ids = greedy
         else:
@@ -105,8 +119,18 @@ class Sampler(torch.nn.Module):
                 logits = _top_k_top_p(logits, md.top_k, md.top_p)
             sampled = _random_sample(logits.softmax(dim=-1), md.generators)
             token_ids = torch.where(md.greedy_mask, greedy, sampled)
-        logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
         top_ids = top_lp = None
-        if md.max_num_logprobs > 0:
-            top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)
+        if fast:
+            logprobs = raw.gather(-1, token_ids[:, None]).squeeze(-1) - raw_lse
+        else:
+            logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
+            if md.max_num_logprobs > 0:
+                top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)
         return SamplerOutput(token_ids, logprobs, top_ids, top_lp)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dim; the C kernel is ~10x faster on the CPU."""
+    if ops.use_cpu_kernels(x) and x.dtype == torch.float32 and x.dim() == 2:
+        return ops.argmax_logsumexp(x)[0]
+    return x.argmax(dim=-1)

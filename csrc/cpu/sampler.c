@@ -1,0 +1,84 @@
+/*
+ * One pass over float32 logits rows for the sampler: the argmax of each row (the first
+ * index of its maximum, a NaN counting as the maximum, as torch.argmax) and the row's
+ * logsumexp, so log_softmax(row)[i] = row[i] - lse without materialising it.
+ * logits: [rows, vocab] with row stride `stride` (elements); ids: [rows] int64;
+ * lse: [rows] float32.
+ */
+#include "cpu_types.h"
+
+MULTIVERSION static void rows_argmax_lse(const float *logits, int64_t begin, int64_t end,
+                                         int64_t vocab, int64_t stride, int64_t *ids,
+                                         float *lse) {
+    for (int64_t r = begin; r < end; r++) {
+        const float *x = logits + r * stride;
+        v8f m8 = splat(-INFINITY);
+        v8i nan8 = (v8i)splat(0.0f);
+        int64_t i = 0;
+        for (; i + 8 <= vocab; i += 8) {
+            const v8f v = *(const v8f *)(x + i);
+            nan8 |= (v != v);
+            m8 = vmax(m8, v);
+        }
+        float m = -INFINITY;
+        int has_nan = 0;
+        for (int l = 0; l < 8; l++) {
+            m = m8[l] > m ? m8[l] : m;
+            has_nan |= nan8[l] != 0;
+        }
+        for (int64_t t = i; t < vocab; t++) {
+            m = x[t] > m ? x[t] : m;
+            has_nan |= x[t] != x[t];
+        }
+        int64_t arg = 0;
+        if (has_nan) {
+            while (x[arg] == x[arg]) arg++;
+            ids[r] = arg;
+            lse[r] = NAN;
+            continue;
+        }
+        while (arg < vocab - 1 && x[arg] != m) arg++;
+        ids[r] = arg;
+        if (m == -INFINITY) { /* every logit -inf: nothing can be sampled */
+            lse[r] = -INFINITY;
+            continue;
+        }
+        v8f s8 = splat(0.0f);
+        for (i = 0; i + 8 <= vocab; i += 8) s8 += exp_v8(*(const v8f *)(x + i) - m);
+        float sum = hsum(s8);
+        for (; i < vocab; i++) sum += expf(x[i] - m);
+        lse[r] = m + logf(sum);
+    }
+}
+
+/* argmax_logsumexp(logits, rows, vocab, stride, ids, lse, num_threads) */
+PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long logits, ids, lse;
+    int64_t rows, vocab, stride;
+    int num_threads;
+    if (!PyArg_ParseTuple(args, "KLLLKKi", &logits, &rows, &vocab, &stride, &ids, &lse,
+                          &num_threads))
+        return NULL;
+    if (rows < 0 || vocab <= 0 || stride < vocab) {
+        PyErr_SetString(PyExc_ValueError, "argmax_logsumexp: invalid sizes");
+        return NULL;
+    }
+    const int nt = threads_for(rows * vocab, num_threads);
+    Py_BEGIN_ALLOW_THREADS;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int tid = 0, n = 1;
+        (void)nt;
+#endif
+        rows_argmax_lse((const float *)PTR(logits), rows * tid / n, rows * (tid + 1) / n, vocab,
+                        stride, (int64_t *)PTR(ids), (float *)PTR(lse));
+    }
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
