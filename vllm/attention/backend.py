@@ -109,7 +109,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, num_slots, Hkv, D]. Returns [T, Hq, D]."""
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    if meta.use_kernel and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]:
+    if ops.use_cpu_kernels(k) and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]:
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k)
