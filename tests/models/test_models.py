@@ -79,3 +79,22 @@ def test_bfloat16_close_to_transformers(tmp_path):
         for token_id, lp in comp.logprobs[0].items():
             assert lp.logprob == pytest.approx(ref_lp[token_id].item(), abs=0.05)
         assert comp.token_ids == ref_tok
+
+
+def test_layers_share_one_rotary_table():
+    # One cos/sin table per distinct rope setting, not one per layer: a model of many
+    # layers would otherwise hold max_position x rotary_dim x 4 bytes in each.
+    from transformers import LlamaConfig
+
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                 num_attention_heads=4, vocab_size=100, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(**shape)
+    model = LlamaForCausalLM(config)
+    tables = {layer.self_attn.rotary_emb.cos_sin_cache.data_ptr() for layer in model.model.layers}
+    assert len(tables) == 1
+    other = LlamaForCausalLM(LlamaConfig(**shape, rope_theta=500.0))
+    assert (
+        other.model.layers[0].self_attn.rotary_emb is not model.model.layers[0].self_attn.rotary_emb
+    )

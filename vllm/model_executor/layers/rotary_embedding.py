@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -62,13 +63,27 @@ class RotaryEmbedding(nn.Module):
         return rotated.reshape(shape)
 
 
+_ROPE_CACHE: dict[str, RotaryEmbedding] = {}
+
+
 def get_rope(config: Any, head_size: int, max_position: int) -> RotaryEmbedding:
-    """Build the rotary embedding a Hugging Face config describes.
+    """The rotary embedding a Hugging Face config describes, one instance per distinct
+    setting: every layer shares it, as upstream's ``get_rope`` does (a table per layer
+    would cost ``max_position x rotary_dim x 4`` bytes each, 1 MiB for head size 128 at
+    2048 positions).
 
     Non-default rope types (linear, llama3, yarn, ...) take their inverse frequencies
     from transformers' own ``ROPE_INIT_FUNCTIONS``.
     """
     params = rope_parameters(config)
+    device = str(torch.get_default_device())  # models are built under a device context
+    key = json.dumps([head_size, max_position, device, params], sort_keys=True, default=repr)
+    if key not in _ROPE_CACHE:
+        _ROPE_CACHE[key] = _build_rope(config, params, head_size, max_position)
+    return _ROPE_CACHE[key]
+
+
+def _build_rope(config: Any, params: dict, head_size: int, max_position: int) -> RotaryEmbedding:
     rotary_dim = int(head_size * params.get("partial_rotary_factor", 1.0))
     rope_type = params["rope_type"]
     if rope_type == "default":
