@@ -433,7 +433,6 @@ def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
     reads = []
     original = safetensors_io.preadv_fully
     monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
-    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)  # through the pool
     stats = ReadStats()
     pool = ThreadPoolExecutor(2)
     with SafetensorsFile(path, stats, pool) as f:
@@ -452,7 +451,6 @@ def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
     """read_into through the iterator only queues reads (several threads, big reads
     split): every parameter holds its bytes once the iteration is over."""
     monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 256)  # many tasks per tensor
-    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)  # queue even tiny reads
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
     a = {f"w{i}": torch.randn(40, 33) for i in range(6)}
     path, _, _ = _write(tmp_path, "q.safetensors", a)
@@ -463,10 +461,33 @@ def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
     _assert_same({k: got[k] for k in a if k != "w0"}, {k: a[k] for k in a if k != "w0"})
 
 
+def test_small_reads_are_gathered_into_few_preadvs(tmp_path, monkeypatch):
+    """Many small tensors stored back to back reach the pool as one task and one preadv
+    (one per tensor would cost more than the bytes), and all land by wait()."""
+    a = {f"w{i:03d}": torch.randn(8, 16) for i in range(200)}
+    path, _, _ = _write(tmp_path, "small.safetensors", a)
+    calls = []
+    original = safetensors_io.preadv_fully
+    monkeypatch.setattr(
+        safetensors_io,
+        "preadv_fully",
+        lambda fd, views, *r: calls.append(len(views)) or original(fd, views, *r),
+    )
+    pool = ThreadPoolExecutor(2)
+    got = {k: torch.full_like(v, float("nan")) for k, v in a.items()}
+    with SafetensorsFile(path, pool=pool) as f:
+        for name in reversed(f.keys()):  # any order: runs are sorted back into file order
+            f.get_slice(name).read_into(got[name])
+        assert not calls  # gathered, not read yet
+        f.wait()
+    pool.shutdown()
+    _assert_same(got, a)
+    assert calls == [200]
+
+
 def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path, monkeypatch):
     """A read that fails on a pool thread (file truncated meanwhile) is raised, naming
     the file, by the loop over the weights, not lost."""
-    monkeypatch.setattr(safetensors_io, "_INLINE_BYTES", 0)
     path, _, _ = _write(tmp_path, "t.safetensors", {"w": torch.randn(64, 64)})
     dst = torch.empty(64, 64)
     with pytest.raises(ShardFileError, match="t.safetensors ended early"):

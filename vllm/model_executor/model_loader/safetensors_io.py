@@ -52,11 +52,10 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # checksum of one chunk overlap the write of the next.
 _WRITE_CHUNK = 64 << 20
 IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
-# Reads a SafetensorsFile queues on its pool are cut into tasks of about this size.
+# A SafetensorsFile hands its pool tasks of about this size: big reads are cut, small
+# ones gathered (one task per tensor cost 2-3x the whole load for 11k small tensors),
+# adjacent small ones into one preadv.
 _TASK_BYTES = 16 << 20
-# Smaller reads are done on the calling thread: handing one to the pool costs more
-# than it moves (for 11k small tensors, 2-3x the whole load).
-_INLINE_BYTES = 1 << 20
 
 
 class ShardFileError(ValueError):
@@ -307,8 +306,8 @@ class SafetensorsFile:
     (``TensorSlice.read_into``; a strided slice through a mapping of its tensor that is
     closed after the copy), so loading holds no file pages in the process's memory and
     no second copy. With a
-    ``pool``, ``read_into`` queues its reads there (those under ``_INLINE_BYTES`` are
-    done at once) and returns; ``wait()`` (or ``close()``) returns when they are done and
+    ``pool``, ``read_into`` queues its reads and returns: they go to the pool in tasks of
+    about ``_TASK_BYTES``; ``wait()`` (or ``close()``) returns when they are done and
     raises the first read error.
     """
 
@@ -318,6 +317,10 @@ class SafetensorsFile:
         self.stats = stats or ReadStats()
         self.pool = pool
         self._pending: list[Future] = []
+        # The task being gathered: file runs and mapped copies, and their bytes.
+        self._runs: list[tuple[int, memoryview]] = []
+        self._copies: list[tuple[TensorEntry, tuple, torch.Tensor]] = []
+        self._gathered = 0
         self._entries = {e.name: e for e in self.header.tensors}
         self.fd = open_for_read(path)
 
@@ -329,35 +332,45 @@ class SafetensorsFile:
         return TensorSlice(self, entry, tuple((0, d) for d in entry.shape))
 
     def read_runs(self, runs: list[tuple[int, memoryview]], wait: bool = False) -> None:
-        """Read each (file offset, buffer) run; queued on the pool unless ``wait``."""
-        nbytes = sum(len(view) for _, view in runs)
-        self.stats.bytes_read += nbytes
-        if self.pool is None or wait or nbytes < _INLINE_BYTES:
+        """Read each (file offset, buffer) run; queued for the pool unless ``wait``."""
+        self.stats.bytes_read += sum(len(view) for _, view in runs)
+        if self.pool is None or wait:
             self._read(runs)
             return
-        batch: list[tuple[int, memoryview]] = []
-        size = 0
-        for offset, view in runs:  # tasks of about _TASK_BYTES, big runs split
-            for start in range(0, len(view), _TASK_BYTES):
+        for offset, view in runs:
+            for start in range(0, len(view), _TASK_BYTES):  # big runs over several tasks
                 piece = view[start : start + _TASK_BYTES]
-                batch.append((offset + start, piece))
-                size += len(piece)
-                if size >= _TASK_BYTES:
-                    self._pending.append(self.pool.submit(self._read, batch))
-                    batch, size = [], 0
-        if batch:
-            self._pending.append(self.pool.submit(self._read, batch))
+                self._runs.append((offset + start, piece))
+                self._gather(len(piece))
 
     def copy_mapped(
         self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor, wait: bool
     ) -> None:
         """Copy ``box`` of ``entry`` into ``dst`` from a private mapping of the tensor's
-        pages (queued on the pool unless ``wait``); the mapping is gone on return."""
+        pages (queued for the pool unless ``wait``); the mapping is gone on return."""
         self.stats.bytes_read += dst.nbytes
-        if self.pool is None or wait or dst.nbytes < _INLINE_BYTES:
+        if self.pool is None or wait:
             self._copy_mapped(entry, box, dst)
         else:
-            self._pending.append(self.pool.submit(self._copy_mapped, entry, box, dst))
+            self._copies.append((entry, box, dst))
+            self._gather(dst.nbytes)
+
+    def _gather(self, nbytes: int) -> None:
+        self._gathered += nbytes
+        if self._gathered >= _TASK_BYTES or len(self._runs) >= IOV_MAX:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the gathered reads and copies to the pool as one task."""
+        if self._runs or self._copies:
+            runs, copies = self._runs, self._copies
+            self._runs, self._copies, self._gathered = [], [], 0
+            self._pending.append(self.pool.submit(self._run_task, runs, copies))
+
+    def _run_task(self, runs: list[tuple[int, memoryview]], copies: list) -> None:
+        self._read(runs)
+        for entry, box, dst in copies:
+            self._copy_mapped(entry, box, dst)
 
     def _copy_mapped(
         self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor
@@ -376,10 +389,22 @@ class SafetensorsFile:
             mapped.close()
 
     def _read(self, runs: list[tuple[int, memoryview]]) -> None:
-        for offset, view in runs:
-            preadv_fully(self.fd, [view], offset, self.path)
+        """Runs that follow each other in the file (tensors stored back to back) are
+        read with one preadv into their several buffers."""
+        runs = sorted(runs, key=lambda r: r[0])
+        i = 0
+        while i < len(runs):
+            offset, views, end = runs[i][0], [runs[i][1]], runs[i][0] + len(runs[i][1])
+            i += 1
+            while i < len(runs) and runs[i][0] == end and len(views) < IOV_MAX:
+                views.append(runs[i][1])
+                end += len(runs[i][1])
+                i += 1
+            preadv_fully(self.fd, views, offset, self.path)
 
     def wait(self) -> None:
+        if self.pool is not None:
+            self._submit()
         pending, self._pending = self._pending, []
         futures.wait(pending)  # all of them, so none still reads after an error
         for f in pending:
