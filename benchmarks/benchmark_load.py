@@ -31,6 +31,9 @@ Each measurement runs in fresh processes, one per rank, started together.
     python benchmarks/benchmark_load.py                          # ~2 GB, TP 1 2 4
     python benchmarks/benchmark_load.py --size 0.5 --tp 1 2      # quicker
     python benchmarks/benchmark_load.py --num-tensors 10000      # many small tensors too
+
+Warm loads run ``--repeats`` times (default 3), the methods in turn, and each row is the
+median run: on a small VM a single load varies by 2x.
 """
 
 from __future__ import annotations
@@ -380,22 +383,36 @@ def span(results: list[dict], key: str | None = None) -> float:
     return max(r["end"] for r in rs) - min(r["start"] for r in rs)
 
 
-def measure_loads(label: str, hf: str, sharded: dict[int, str], tps: list[int], cold: bool) -> list:
-    rows = []
+def measure_loads(
+    label: str, hf: str, sharded: dict[int, str], tps: list[int], cold: bool, repeats: int
+) -> list:
+    """One row per (TP, method): the median-time run of ``repeats`` (warm; cold runs
+    once), the methods taking turns so that a slow spell of the machine hits them all."""
+    runs: dict[tuple[int, str], list[dict]] = {}
     all_files = weight_files(hf) + [f for d in sharded.values() for f in weight_files(d)]
-    for tp in tps:
-        for name, task, extra, where in METHODS:
-            if name == "raw (touched)" and cold:
-                continue
-            model = hf if where == "hf" else sharded[tp]
-            if cold:
-                evict(all_files)
-            else:
-                warm(weight_files(model))
-            res = run_ranks(task, tp, model=model, **extra)
-            rows.append(dict(ckpt=label, tp=tp, method=name, cold=cold, seconds=span(res),
-                             rchar=max(r["rchar"] for r in res), disk=max(r["disk"] for r in res),
-                             rss=max(r["rss"] / r["params"] for r in res)))  # fmt: skip
+    for _ in range(1 if cold else repeats):
+        for tp in tps:
+            for name, task, extra, where in METHODS:
+                if name == "raw (touched)" and cold:
+                    continue
+                model = hf if where == "hf" else sharded[tp]
+                if cold:
+                    evict(all_files)
+                else:
+                    warm(weight_files(model))
+                res = run_ranks(task, tp, model=model, **extra)
+                runs.setdefault((tp, name), []).append(
+                    dict(
+                        seconds=span(res),
+                        rchar=max(r["rchar"] for r in res),
+                        disk=max(r["disk"] for r in res),
+                        rss=max(r["rss"] / r["params"] for r in res),
+                    )  # fmt: skip
+                )
+    rows = []
+    for (tp, name), results in runs.items():
+        results.sort(key=lambda r: r["seconds"])
+        rows.append(dict(ckpt=label, tp=tp, method=name, cold=cold, **results[len(results) // 2]))
     return rows
 
 
@@ -432,6 +449,10 @@ def main() -> None:
         "--num-tensors", type=int, default=None,
         help="also a checkpoint of the same size, about this many tensors",
     )  # fmt: skip
+    parser.add_argument(
+        "--repeats", type=int, default=3,
+        help="warm loads run this many times, in turn; the table shows the median",
+    )  # fmt: skip
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up table")
     parser.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")
@@ -457,6 +478,8 @@ def main() -> None:
     shapes = {"few-large": llama_shape(args.size, None)}
     if args.num_tensors:
         shapes["many-small"] = llama_shape(args.size, args.num_tensors)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         load_rows, save_rows, total = [], [], {}
         for label, shape in shapes.items():
@@ -474,9 +497,9 @@ def main() -> None:
                 res = run_ranks("save", tp, model=hf, out=sharded[tp], scratch=scratch)
                 copy_metadata_files(hf, sharded[tp])
                 save_rows.append((label, tp, res))
-            load_rows += measure_loads(label, hf, sharded, args.tp, cold=False)
+            load_rows += measure_loads(label, hf, sharded, args.tp, False, args.repeats)
             if not args.no_cold:
-                load_rows += measure_loads(label, hf, sharded, args.tp, cold=True)
+                load_rows += measure_loads(label, hf, sharded, args.tp, True, 1)
             shutil.rmtree(hf)
             for d in sharded.values():
                 shutil.rmtree(d)
@@ -498,8 +521,8 @@ def main() -> None:
                   f"{crc_cost:>+8.0%} | {cells[3]:>19}")  # fmt: skip
 
         print(
-            "\nLoad (vs raw: raw seconds / method seconds, warm against warm raw, cold against "
-            "cold raw;\npeak RSS/params: the largest rank's (peak RSS while loading - RSS "
+            f"\nLoad (warm: median of {args.repeats} runs, cold: one run; vs raw: raw seconds / "
+            "method seconds, warm against warm raw, cold against cold raw;\npeak RSS/params: the largest rank's (peak RSS while loading - RSS "
             "before the model was built) / its parameter bytes)"
         )
         print_load_table(load_rows, total)
