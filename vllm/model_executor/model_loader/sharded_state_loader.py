@@ -278,11 +278,12 @@ def _map_files(
     for t in state.values():
         if not t.is_mkldnn:
             owners.setdefault(storage_id(t), set()).add(id(t))
+    shared = {i for ids in owners.values() if len(ids) > 1 for i in ids}
     nbytes = 0
     for header in headers:
         for name, mapped in map_file(header).items():
             t = targets[name]
-            if t.device.type != "cpu" or not t.is_contiguous() or len(owners[storage_id(t)]) > 1:
+            if id(t) in shared or t.device.type != "cpu" or not t.is_contiguous():
                 continue
             t.data = mapped
             del targets[name]

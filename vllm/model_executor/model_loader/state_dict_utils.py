@@ -38,14 +38,18 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     contiguous. Empty tensors hold no bytes and are dropped. The input order is kept.
     (Upstream vLLM's ``ShardedStateLoader._filter_subtensors`` rules.)
     """
-    groups: dict[tuple, list[tuple[str, torch.Tensor, int, int]]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[str, torch.Tensor]]] = defaultdict(list)
     for key, t in tensors.items():
         if t.is_mkldnn:  # a weight packed for the CPU owns its (opaque) memory
-            groups[("mkldnn", id(t))].append((key, t, 0, 0))
+            groups[("mkldnn", id(t))].append((key, t))
         elif t.numel():
-            groups[storage_id(t)].append((key, t, *_byte_span(t)))
+            groups[storage_id(t)].append((key, t))
     kept: set[str] = set()
-    for group in groups.values():
+    for members in groups.values():
+        if len(members) == 1:  # the common case: a tensor alone in its storage
+            kept.add(members[0][0])
+            continue
+        group = [(key, t, *_byte_span(t)) for key, t in members]
         for key, t, a, b in group:
             for key2, t2, a2, b2 in group:
                 if key2 == key or not t2.is_contiguous() or a < a2 or b2 < b:
