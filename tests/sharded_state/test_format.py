@@ -184,3 +184,17 @@ def test_each_rank_lists_only_its_own_files(model_dirs, tmp_path):
     loader = ShardedStateLoader(config.load_config)
     got = [os.path.basename(p) for p, _ in loader._rank_files(config, str(out), 1)]
     assert got == ["model-rank-1-part-0.safetensors", "model-rank-1-part-1.safetensors"]
+
+
+def test_manifest_is_json_with_a_line_per_tensor():
+    """The manifest reads back as the same JSON, and each file and tensor is one line
+    (``grep down_proj sharded_state.json`` shows one tensor per hit)."""
+    from vllm.model_executor.model_loader.sharded_state_saver import _manifest_json
+
+    tensors = {f"layers.{i}.w": {"dtype": "bfloat16", "local_shape": [2, i], "shard_dim": None}
+               for i in range(5)}  # fmt: skip
+    manifest = {"format_version": 1, "pattern": None, "files": {}, "tensors": tensors}
+    text = _manifest_json(manifest)
+    assert json.loads(text) == manifest
+    lines = [line for line in text.splitlines() if '"layers.' in line]
+    assert len(lines) == 5 and all(json.loads("{" + ln.rstrip(",") + "}") for ln in lines)

@@ -48,6 +48,7 @@ from vllm.model_executor.model_loader.state_dict_utils import (
     state_schema,
 )
 from vllm.model_executor.utils import get_shard_dim
+from vllm.utils import gc_paused
 
 logger = init_logger(__name__)
 
@@ -78,7 +79,7 @@ def save_sharded_state(
     world = get_tensor_model_parallel_world_size()
     target = os.path.realpath(path)
     start = time.perf_counter()
-    with _save_group(world) as group:
+    with gc_paused(), _save_group(world) as group:
         tmp = _on_rank0(lambda: sharded_state_dir.make_temp_dir(target), rank, group)
         try:
             records = _on_every_rank(
@@ -179,6 +180,22 @@ def _split_parts(
     if current:
         parts.append(current)
     return parts
+
+
+def _manifest_json(manifest: dict) -> str:
+    """The manifest as JSON with one line per file and per tensor: readable and
+    greppable, and ~4x faster to write than ``json.dump(indent=...)``, whose pure-Python
+    encoder cost 0.2 s for 11k tensors."""
+    lines = []
+    for key, value in manifest.items():
+        if key in ("files", "tensors"):
+            entries = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(
+                f" {json.dumps(key)}: {{\n{entries}\n }}" if entries else f" {json.dumps(key)}: {{}}"
+            )
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _tensor_schema(model: nn.Module, state: dict[str, torch.Tensor], world: int) -> dict:
@@ -345,7 +362,7 @@ def _finish_save(
     }
     manifest_path = os.path.join(tmp, MANIFEST_NAME)
     with open(manifest_path, "w") as f:
-        json.dump(manifest, f, indent=1)
+        f.write(_manifest_json(manifest))
         f.flush()
         os.fsync(f.fileno())
     sharded_state_dir.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
