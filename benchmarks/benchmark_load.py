@@ -522,8 +522,9 @@ def main() -> None:
 
         print(
             f"\nLoad (warm: median of {args.repeats} runs, cold: one run; vs raw: raw seconds / "
-            "method seconds, warm against warm raw, cold against cold raw;\npeak RSS/params: the largest rank's (peak RSS while loading - RSS "
-            "before the model was built) / its parameter bytes)"
+            "method seconds, warm against warm raw, cold against cold raw;\npeak RSS/params: "
+            "the largest rank's (peak RSS while loading - RSS before the model was built) / its "
+            "parameter bytes)"
         )
         print_load_table(load_rows, total)
 

@@ -191,7 +191,9 @@ def _manifest_json(manifest: dict) -> str:
         if key in ("files", "tensors"):
             entries = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
             lines.append(
-                f" {json.dumps(key)}: {{\n{entries}\n }}" if entries else f" {json.dumps(key)}: {{}}"
+                f" {json.dumps(key)}: {{\n{entries}\n }}"
+                if entries
+                else f" {json.dumps(key)}: {{}}"
             )
         else:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
