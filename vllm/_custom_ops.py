@@ -245,14 +245,19 @@ def reshape_and_cache(
         )
 
 
-def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's argmax (int64; first maximum, NaN counting as the maximum, as
-    ``torch.argmax``) and logsumexp (float32) of float32 logits [S, V], in one pass."""
+def argmax_logsumexp(
+    logits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In one pass over float32 logits [S, V], each row's argmax (int64; the first
+    maximum, NaN counting as the maximum, as ``torch.argmax``), its maximum ``m`` and
+    ``log(sum(exp(row - m)))``: logsumexp is their sum, and
+    ``log_softmax(row)[i] = (row[i] - m) - log_sum`` without rounding at large ``m``."""
     op = "argmax_logsumexp"
     _check(logits.dtype == torch.float32 and logits.dim() == 2, op, "needs float32 [S, V].")
     rows, stride = _rows(logits, op)
-    ids = torch.empty(rows, dtype=torch.int64)
-    lse = torch.empty(rows, dtype=torch.float32)
+    ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    maxes = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    log_sums = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
         _C.argmax_logsumexp(
             logits.data_ptr(),
@@ -260,10 +265,11 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits.shape[1],
             stride,
             ids.data_ptr(),
-            lse.data_ptr(),
+            maxes.data_ptr(),
+            log_sums.data_ptr(),
             torch.get_num_threads(),
         )
-    return ids, lse
+    return ids, maxes, log_sums
 
 
 def decode_kernel_supports(head_size: int, dtype: torch.dtype) -> bool:

@@ -84,24 +84,37 @@ static inline void round_to(float *x, int64_t n, int dtype) {
 }
 
 /* Eight floats; GCC/Clang lower it to one AVX register or two SSE ones. aligned(4)
- * makes loads and stores through it unaligned-safe. */
+ * makes loads and stores through it unaligned-safe.
+ *
+ * Functions taking or returning v8f must be inlined (VEC_INLINE): the kernels are built
+ * twice (MULTIVERSION, below), and a call between an AVX clone and an out-of-line
+ * baseline helper would pass the vector in a ymm register on one side and in memory on
+ * the other (GCC's -Wpsabi warning; it crashed). */
+#define VEC_INLINE static inline __attribute__((always_inline))
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+VEC_INLINE v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 
-static inline float hsum(v8f v) {
+VEC_INLINE float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-static inline v8f vmax(v8f a, v8f b) { return (v8f)(((v8i)a & (a > b)) | ((v8i)b & ~(a > b))); }
-static inline v8f vmin(v8f a, v8f b) { return (v8f)(((v8i)a & (a < b)) | ((v8i)b & ~(a < b))); }
+/* Lane-wise max; where either lane is NaN the result is b. */
+VEC_INLINE v8f vmax(v8f a, v8f b) { return (v8f)(((v8i)a & (a > b)) | ((v8i)b & ~(a > b))); }
 
-/* exp(x), relative error below 1e-6 over [-87, 88] (clamped outside; NaN not kept):
+/* x clamped to [lo, hi]; NaN lanes stay NaN. */
+VEC_INLINE v8f vclamp(v8f x, float lo, float hi) {
+    const v8i below = x < splat(lo), above = x > splat(hi);
+    x = (v8f)(((v8i)x & ~below) | ((v8i)splat(lo) & below));
+    return (v8f)(((v8i)x & ~above) | ((v8i)splat(hi) & above));
+}
+
+/* exp(x), relative error below 1e-6 over [-87, 88] (clamped outside; NaN stays NaN):
  * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its degree-6 Taylor polynomial, 2^n
  * through the exponent bits. */
-static inline v8f exp_v8(v8f x) {
-    x = vmin(vmax(x, splat(-87.0f)), splat(88.0f));
+VEC_INLINE v8f exp_v8(v8f x) {
+    x = vclamp(x, -87.0f, 88.0f);
     const v8f t = x * 1.44269504088896341f;
     const v8i n = __builtin_convertvector(t + (v8f)(((v8i)splat(0.5f)) | ((v8i)t & (v8i)splat(-0.0f))), v8i);
     const v8f nf = __builtin_convertvector(n, v8f);

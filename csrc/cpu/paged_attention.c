@@ -55,7 +55,7 @@ static inline __attribute__((always_inline)) void seq_attention(
             sc[t] = hsum(acc) * j->scale;
             m = sc[t] > m ? sc[t] : m;
         }
-        for (int64_t t = len; t < padded; t++) sc[t] = -INFINITY; /* exp gives 0 */
+        for (int64_t t = len; t < padded; t++) sc[t] = -INFINITY; /* exp gives ~1e-38 */
         v8f sum8 = splat(0.0f);
         for (int64_t t = 0; t < padded; t += 8) {
             v8f e = exp_v8(*(v8f *)(sc + t) - m);

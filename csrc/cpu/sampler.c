@@ -1,15 +1,17 @@
 /*
  * One pass over float32 logits rows for the sampler: the argmax of each row (the first
- * index of its maximum, a NaN counting as the maximum, as torch.argmax) and the row's
- * logsumexp, so log_softmax(row)[i] = row[i] - lse without materialising it.
+ * index of its maximum, a NaN counting as the maximum, as torch.argmax), the row's
+ * maximum m and log(sum(exp(row - m))), so that
+ *   log_softmax(row)[i] = (row[i] - m) - log_sum
+ * without materialising it (and without the rounding of m + log_sum at large |m|).
  * logits: [rows, vocab] with row stride `stride` (elements); ids: [rows] int64;
- * lse: [rows] float32.
+ * maxes, log_sums: [rows] float32.
  */
 #include "cpu_types.h"
 
 MULTIVERSION static void rows_argmax_lse(const float *logits, int64_t begin, int64_t end,
                                          int64_t vocab, int64_t stride, int64_t *ids,
-                                         float *lse) {
+                                         float *maxes, float *log_sums) {
     for (int64_t r = begin; r < end; r++) {
         const float *x = logits + r * stride;
         v8f m8 = splat(-INFINITY);
@@ -34,31 +36,32 @@ MULTIVERSION static void rows_argmax_lse(const float *logits, int64_t begin, int
         if (has_nan) {
             while (x[arg] == x[arg]) arg++;
             ids[r] = arg;
-            lse[r] = NAN;
+            maxes[r] = log_sums[r] = NAN;
             continue;
         }
         while (arg < vocab - 1 && x[arg] != m) arg++;
         ids[r] = arg;
+        maxes[r] = m;
         if (m == -INFINITY) { /* every logit -inf: nothing can be sampled */
-            lse[r] = -INFINITY;
+            log_sums[r] = 0.0f;
             continue;
         }
         v8f s8 = splat(0.0f);
         for (i = 0; i + 8 <= vocab; i += 8) s8 += exp_v8(*(const v8f *)(x + i) - m);
         float sum = hsum(s8);
         for (; i < vocab; i++) sum += expf(x[i] - m);
-        lse[r] = m + logf(sum);
+        log_sums[r] = logf(sum);
     }
 }
 
-/* argmax_logsumexp(logits, rows, vocab, stride, ids, lse, num_threads) */
+/* argmax_logsumexp(logits, rows, vocab, stride, ids, maxes, log_sums, num_threads) */
 PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
     (void)self;
-    unsigned long long logits, ids, lse;
+    unsigned long long logits, ids, maxes, log_sums;
     int64_t rows, vocab, stride;
     int num_threads;
-    if (!PyArg_ParseTuple(args, "KLLLKKi", &logits, &rows, &vocab, &stride, &ids, &lse,
-                          &num_threads))
+    if (!PyArg_ParseTuple(args, "KLLLKKKi", &logits, &rows, &vocab, &stride, &ids, &maxes,
+                          &log_sums, &num_threads))
         return NULL;
     if (rows < 0 || vocab <= 0 || stride < vocab) {
         PyErr_SetString(PyExc_ValueError, "argmax_logsumexp: invalid sizes");
@@ -77,7 +80,7 @@ PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
         (void)nt;
 #endif
         rows_argmax_lse((const float *)PTR(logits), rows * tid / n, rows * (tid + 1) / n, vocab,
-                        stride, (int64_t *)PTR(ids), (float *)PTR(lse));
+                        stride, (int64_t *)PTR(ids), (float *)PTR(maxes), (float *)PTR(log_sums));
     }
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;

@@ -105,22 +105,28 @@ def _rope(head_size, rotary_dim, max_pos=300):
 
 
 # Full and partial rotary (GPT-NeoX), GQA and MHA.
+# 300 tokens x 16 heads x 64 takes the multi-threaded path.
 @pytest.mark.parametrize(
-    "heads,kv_heads,head_size,rotary_dim", [(12, 4, 64, 64), (4, 4, 32, 8), (2, 1, 80, 40)]
+    "heads,kv_heads,head_size,rotary_dim,tokens",
+    [(12, 4, 64, 64, 7), (4, 4, 32, 8, 7), (2, 1, 80, 40, 7), (12, 4, 64, 64, 300)],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_matches_torch(monkeypatch, heads, kv_heads, head_size, rotary_dim, dtype):
+def test_rotary_matches_torch(monkeypatch, heads, kv_heads, head_size, rotary_dim, tokens, dtype):
     gen = torch.Generator().manual_seed(2)
     rope = _rope(head_size, rotary_dim)
     q_size, kv_size = heads * head_size, kv_heads * head_size
-    qkv = torch.randn(7, q_size + 2 * kv_size, generator=gen).to(dtype)
-    positions = torch.tensor([0, 1, 5, 17, 100, 298, 299])
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, generator=gen).to(dtype)
+    positions = torch.randint(0, 300, (tokens,), generator=gen)
+    positions[:2] = torch.tensor([0, 299])
+    v_before = qkv[:, q_size + kv_size :].clone()
 
     def run():
-        q, k, _ = qkv.clone().split([q_size, kv_size, kv_size], dim=-1)  # strided views
+        run.qkv = qkv.clone()
+        q, k, _ = run.qkv.split([q_size, kv_size, kv_size], dim=-1)  # strided views
         return rope(positions, q, k)
 
     (rq, rk), (q, k) = _both_paths(monkeypatch, run)
+    assert torch.equal(run.qkv[:, q_size + kv_size :], v_before)  # in place on q, k only
     torch.testing.assert_close(q, rq, **_close(dtype))
     torch.testing.assert_close(k, rk, **_close(dtype))
 
@@ -174,9 +180,20 @@ def test_argmax_logsumexp_matches_torch(vocab):
     logits[1, vocab // 2] = logits[1, vocab - 1] = 1e4  # a tie: the first index wins
     logits[2] = -float("inf")
     logits[2, vocab - 1] = 0.0
-    ids, lse = ops.argmax_logsumexp(logits)
+    ids, maxes, log_sums = ops.argmax_logsumexp(logits)
     assert torch.equal(ids, logits.argmax(dim=-1))
-    torch.testing.assert_close(lse, logits.logsumexp(dim=-1))
+    torch.testing.assert_close(maxes + log_sums, logits.logsumexp(dim=-1))
+
+
+def test_argmax_logsumexp_keeps_logprobs_precise_at_large_logits():
+    # (x - m) - log_sum: a peaked row with logits near 1e4 still gives the top token's
+    # log-probability to float32 precision, not to the rounding of m + log_sum (~5e-4).
+    logits = torch.full((1, 1000), 1e4)
+    logits[0, 1:] -= torch.linspace(5.0, 20.0, 999)
+    ids, maxes, log_sums = ops.argmax_logsumexp(logits)
+    got = (logits[0, ids] - maxes) - log_sums
+    expected = logits.double().log_softmax(-1)[0, 0]
+    assert abs(got.item() - expected.item()) < 1e-6
 
 
 def test_argmax_logsumexp_edge_rows():
@@ -184,7 +201,8 @@ def test_argmax_logsumexp_edge_rows():
     logits[0, 7] = float("nan")  # NaN counts as the maximum, as in torch.argmax
     logits[0, 9] = float("nan")
     logits[1] = -float("inf")  # nothing can be sampled
-    ids, lse = ops.argmax_logsumexp(logits)
+    ids, maxes, log_sums = ops.argmax_logsumexp(logits)
+    lse = maxes + log_sums
     assert ids.tolist() == logits.argmax(dim=-1).tolist() == [7, 0, 0]
     assert lse[0].isnan() and lse[1] == -float("inf")
     torch.testing.assert_close(lse[2], torch.tensor(20.0).log())

@@ -16,8 +16,8 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] // 2
-        if ops.use_cpu_kernels(x) and x.stride(-1) == 1:
-            out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype)
+        if ops.use_cpu_kernels(x) and x.stride(-1) == 1 and (x.dim() == 2 or x.is_contiguous()):
+            out = torch.empty(x.shape[:-1] + (d,), dtype=x.dtype, device=x.device)
             ops.silu_and_mul(out, x)
             return out
         return F.silu(x[..., :d]) * x[..., d:]

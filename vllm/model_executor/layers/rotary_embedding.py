@@ -46,7 +46,12 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k: [num_tokens, num_heads * head_size]. The C kernel (CPU) rotates them in
         place and returns them; the torch path returns new tensors."""
-        if ops.use_cpu_kernels(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        if (
+            ops.use_cpu_kernels(q)
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+            and self.cos_sin_cache.dtype == torch.float32
+        ):
             ops.rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache)
             return q, k
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
@@ -77,7 +82,11 @@ def get_rope(config: Any, head_size: int, max_position: int) -> RotaryEmbedding:
     """
     params = rope_parameters(config)
     device = str(torch.get_default_device())  # models are built under a device context
-    key = json.dumps([head_size, max_position, device, params], sort_keys=True, default=repr)
+    # Other rope types read more of the config (ROPE_INIT_FUNCTIONS): key on all of it.
+    extra = None
+    if params["rope_type"] != "default":
+        extra = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    key = json.dumps([head_size, max_position, device, params, extra], sort_keys=True, default=repr)
     if key not in _ROPE_CACHE:
         _ROPE_CACHE[key] = _build_rope(config, params, head_size, max_position)
     return _ROPE_CACHE[key]

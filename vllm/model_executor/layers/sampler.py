@@ -91,10 +91,15 @@ class Sampler(torch.nn.Module):
         """logits: [S, V] float32 over the real vocabulary."""
         # With the C kernel, one pass gives each row's argmax and logsumexp: the sampled
         # tokens' logprobs need no [S, V] log_softmax unless top logprobs are asked for.
-        fast = md.max_num_logprobs == 0 and ops.use_cpu_kernels(logits)
+        fast = (
+            md.max_num_logprobs == 0
+            and ops.use_cpu_kernels(logits)
+            and logits.dtype == torch.float32
+            and logits.dim() == 2
+        )
         raw = logits
         if fast:
-            raw_greedy, raw_lse = ops.argmax_logsumexp(logits)
+            raw_greedy, raw_max, raw_log_sum = ops.argmax_logsumexp(logits)
         else:
             raw_logprobs = logits.log_softmax(dim=-1)
         if md.output_counts is not None:
@@ -121,7 +126,7 @@ class Sampler(torch.nn.Module):
             token_ids = torch.where(md.greedy_mask, greedy, sampled)
         top_ids = top_lp = None
         if fast:
-            logprobs = raw.gather(-1, token_ids[:, None]).squeeze(-1) - raw_lse
+            logprobs = (raw.gather(-1, token_ids[:, None]).squeeze(-1) - raw_max) - raw_log_sum
         else:
             logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
             if md.max_num_logprobs > 0:

@@ -373,10 +373,10 @@ class SafetensorsFile:
     def _gather(self, nbytes: int) -> None:
         self._gathered += nbytes
         if self._gathered >= _TASK_BYTES or len(self._runs) >= IOV_MAX:
-            self._submit()
+            self.submit()
 
-    def _submit(self) -> None:
-        """Hand the gathered reads and copies to the pool as one task."""
+    def submit(self) -> None:
+        """Hand the reads and copies gathered so far to the pool (``wait`` does too)."""
         if self._runs or self._copies:
             runs, copies = self._runs, self._copies
             self._runs, self._copies, self._gathered = [], [], 0
@@ -419,7 +419,7 @@ class SafetensorsFile:
 
     def wait(self) -> None:
         if self.pool is not None:
-            self._submit()
+            self.submit()
         pending, self._pending = self._pending, []
         futures.wait(pending)  # all of them, so none still reads after an error
         for f in pending:

@@ -67,6 +67,7 @@ def safetensors_weights_iterator(
                 opened.append(SafetensorsFile(path, stats, pool))
                 for name in opened[-1].keys():
                     yield name, opened[-1].get_slice(name)
+                opened[-1].submit()  # its last reads start before the next file's
         except BaseException:  # the consumer stopped: its error is the one to see
             _close_all(opened)
             raise
