@@ -11,14 +11,17 @@ Two workloads:
 Throughput counts only the tokens each request asked for.
 
     python benchmarks/benchmark_throughput.py                # 32 prompts, up to 128 new tokens
+    python benchmarks/benchmark_throughput.py --repeats 3    # medians of 3 interleaved runs
     python benchmarks/benchmark_throughput.py --model DIR    # an existing HF checkpoint
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -88,6 +91,11 @@ def main() -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true", help="only measure this engine")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="run each workload this many times, the two engines back to back each time "
+        "(a slow spell of the machine then hits both); the table shows medians",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -105,7 +113,6 @@ def main() -> None:
             "fixed": [args.output_len] * len(prompts),
             "mixed": [rng.randint(args.output_len_min, args.output_len) for _ in prompts],
         }
-        results: dict[tuple[str, str], tuple[float, list]] = {}
         llm = LLM(
             model=args.model,
             dtype=args.dtype,
@@ -113,16 +120,23 @@ def main() -> None:
             tensor_parallel_size=args.tensor_parallel_size,
         )
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-        for name, lens in workloads.items():
-            results[("vllm", name)] = run_vllm(llm, prompts, lens)
-        del llm
+        engines = {"vllm": functools.partial(run_vllm, llm, prompts)}
         if not args.skip_hf:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
             run_hf(model, prompts[:2], [4, 4])  # warm-up
+            engines["transformers"] = functools.partial(run_hf, model, prompts)
+        seconds: dict[tuple[str, str], list[float]] = {}
+        outputs: dict[tuple[str, str], list] = {}
+        for _ in range(args.repeats):
             for name, lens in workloads.items():
-                results[("transformers", name)] = run_hf(model, prompts, lens)
+                for engine, run in engines.items():
+                    sec, out = run(lens)
+                    seconds.setdefault((engine, name), []).append(sec)
+                    outputs.setdefault((engine, name), out)
+        del llm
 
+    results = {key: statistics.median(secs) for key, secs in seconds.items()}
     n_in = sum(len(p) for p in prompts)
     print(
         f"\n{args.num_prompts} prompts ({n_in} prompt tokens), dtype={args.dtype}, "
@@ -132,16 +146,24 @@ def main() -> None:
         f"{'workload':<9}{'engine':<14}{'gen tokens':>11}{'seconds':>10}{'gen tok/s':>11}"
         f"{'total tok/s':>13}{'vs transformers':>17}"
     )
-    for (engine, name), (sec, _) in results.items():
+    for (engine, name), sec in sorted(results.items(), key=lambda kv: kv[0][0] != "vllm"):
         n_out = sum(workloads[name])
-        base = results.get(("transformers", name), (sec, None))[0]
+        base = results.get(("transformers", name), sec)
         print(
             f"{name:<9}{engine:<14}{n_out:>11}{sec:>10.2f}{n_out / sec:>11.1f}"
             f"{(n_in + n_out) / sec:>13.1f}{base / sec:>16.2f}x"
         )
+    if args.repeats > 1:
+        print(f"seconds are medians of {args.repeats} runs; ratio of each run:")
+        for name in workloads:
+            if ("transformers", name) in seconds:
+                ratios = [
+                    t / v for v, t in zip(seconds[("vllm", name)], seconds[("transformers", name)])
+                ]
+                print(f"{name}: " + " ".join(f"{r:.2f}x" for r in ratios))
     for name in workloads:
-        if ("transformers", name) in results:
-            ours, ref = results[("vllm", name)][1], results[("transformers", name)][1]
+        if ("transformers", name) in outputs:
+            ours, ref = outputs[("vllm", name)], outputs[("transformers", name)]
             same = sum(a == b for a, b in zip(ours, ref))
             print(f"{name}: greedy outputs identical to transformers: {same}/{len(ours)}")
 
