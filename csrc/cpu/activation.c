@@ -47,17 +47,11 @@ PyObject *vllm_silu_and_mul(PyObject *self, PyObject *args) {
     }
     const int nt = threads_for(rows * d, num_threads);
     Py_BEGIN_ALLOW_THREADS;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
-#endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int tid = 0, n = 1;
-        (void)nt;
-#endif
-        silu_mul_rows(PTR(out), PTR(x), rows * tid / n, rows * (tid + 1) / n, d, x_stride, dtype);
+        int64_t begin, end;
+        thread_share(rows, &begin, &end);
+        silu_mul_rows(PTR(out), PTR(x), begin, end, d, x_stride, dtype);
     }
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;

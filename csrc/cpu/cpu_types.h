@@ -147,7 +147,20 @@ static inline int threads_for(int64_t work, int num_threads) {
     return num_threads;
 }
 
-/* Pointer arguments arrive as Python ints (tensor.data_ptr()). */
+/* The calling thread's share [begin, end) of `items`, split evenly over the threads of
+ * the enclosing OpenMP parallel region (all of it outside one). */
+static inline void thread_share(int64_t items, int64_t *begin, int64_t *end) {
+#ifdef _OPENMP
+    const int64_t tid = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+    const int64_t tid = 0, n = 1;
+#endif
+    *begin = items * tid / n;
+    *end = items * (tid + 1) / n;
+}
+
+/* Pointer arguments arrive as Python ints (tensor.data_ptr()). The kernels are built
+ * with -fopenmp (setup.py); without it their `omp parallel` pragmas are ignored. */
 #define PTR(x) ((void *)(uintptr_t)(x))
 
 /* Entry points, one per kernel file; the method table is in module.c. */

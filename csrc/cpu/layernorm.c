@@ -13,24 +13,18 @@
 
 MULTIVERSION static void norm_rows(void *out, void *x, void *residual, const void *weight,
                                    int64_t begin, int64_t end, int64_t hidden, float eps,
-                                   int dtype, float *buf /* 2 * hidden */) {
+                                   int dtype, float *buf /* 3 * hidden */) {
     const size_t row_bytes = (size_t)hidden * dtype_size(dtype);
-    float *h = buf, *w = buf + hidden;
+    float *h = buf, *w = buf + hidden, *res = buf + 2 * hidden;
     load_f32(w, weight, hidden, dtype);
     for (int64_t r = begin; r < end; r++) {
         char *xr = (char *)x + r * row_bytes;
         load_f32(h, xr, hidden, dtype);
         if (residual != NULL) {
             char *rr = (char *)residual + r * row_bytes;
-            const float *res = (const float *)rr;
-            if (dtype == DTYPE_F32) {
-                for (int64_t i = 0; i < hidden; i++) h[i] += res[i];
-            } else {
-                const uint16_t *res16 = (const uint16_t *)rr;
-                for (int64_t i = 0; i < hidden; i++)
-                    h[i] += dtype == DTYPE_BF16 ? bf16_to_f32(res16[i]) : f16_to_f32(res16[i]);
-                round_to(h, hidden, dtype);
-            }
+            load_f32(res, rr, hidden, dtype);
+            for (int64_t i = 0; i < hidden; i++) h[i] += res[i];
+            round_to(h, hidden, dtype);
             store_f32(rr, h, hidden, dtype);
         }
         v8f acc = splat(0.0f);
@@ -63,22 +57,16 @@ PyObject *vllm_rms_norm(PyObject *self, PyObject *args) {
     const int nt = threads_for(rows * hidden, num_threads);
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(nt) reduction(| : failed)
-#endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int tid = 0, n = 1;
-        (void)nt;
-#endif
-        float *buf = malloc(2 * (size_t)hidden * sizeof(float));
+        int64_t begin, end;
+        thread_share(rows, &begin, &end);
+        float *buf = malloc(3 * (size_t)hidden * sizeof(float));
         if (buf == NULL) {
             failed = 1;
         } else {
             norm_rows(PTR(out), PTR(x), residual ? PTR(residual) : NULL, PTR(weight),
-                      rows * tid / n, rows * (tid + 1) / n, hidden, eps, dtype, buf);
+                      begin, end, hidden, eps, dtype, buf);
             free(buf);
         }
     }

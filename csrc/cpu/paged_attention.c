@@ -178,18 +178,13 @@ PyObject *vllm_paged_attention_decode(PyObject *self, PyObject *args) {
     if (num_threads > items) num_threads = (int)(items > 0 ? items : 1);
     int failed = 0;
     Py_BEGIN_ALLOW_THREADS;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
-#endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int tid = 0, nt = 1;
-#endif
+        int64_t begin, end;
+        thread_share(items, &begin, &end);
         Job job = base;
-        job.begin = items * tid / nt;
-        job.end = items * (tid + 1) / nt;
+        job.begin = begin;
+        job.end = end;
         run_job(&job);
         failed |= job.error;
     }

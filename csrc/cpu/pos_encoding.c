@@ -91,17 +91,11 @@ PyObject *vllm_rotary_embedding(PyObject *self, PyObject *args) {
     }
     const int nt = threads_for(tokens * (num_heads + num_kv_heads) * rotary_dim, num_threads);
     Py_BEGIN_ALLOW_THREADS;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
-#endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int tid = 0, n = 1;
-        (void)nt;
-#endif
-        rotate_tokens(pos, PTR(query), PTR(key), tokens * tid / n, tokens * (tid + 1) / n,
+        int64_t begin, end;
+        thread_share(tokens, &begin, &end);
+        rotate_tokens(pos, PTR(query), PTR(key), begin, end,
                       num_heads, num_kv_heads, head_size, rotary_dim / 2, q_stride, k_stride,
                       (const float *)PTR(cos_sin), dtype);
     }

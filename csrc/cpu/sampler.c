@@ -69,17 +69,11 @@ PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
     }
     const int nt = threads_for(rows * vocab, num_threads);
     Py_BEGIN_ALLOW_THREADS;
-#ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
-#endif
     {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int tid = 0, n = 1;
-        (void)nt;
-#endif
-        rows_argmax_lse((const float *)PTR(logits), rows * tid / n, rows * (tid + 1) / n, vocab,
+        int64_t begin, end;
+        thread_share(rows, &begin, &end);
+        rows_argmax_lse((const float *)PTR(logits), begin, end, vocab,
                         stride, (int64_t *)PTR(ids), (float *)PTR(maxes), (float *)PTR(log_sums));
     }
     Py_END_ALLOW_THREADS;
