@@ -13,6 +13,7 @@ cos then sin).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -29,21 +30,24 @@ _MAX_HEAD_SIZE = 256
 
 def use_cpu_kernels(x: torch.Tensor) -> bool:
     """Whether the C kernels can take ``x``: built, enabled, on the CPU, a supported dtype."""
-    return HAS_CPU_KERNELS and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
+    return HAS_CPU_KERNELS and x.is_cpu and x.dtype in _DTYPE_CODES
 
 
-def _check(cond: bool, op: str, message: str) -> None:
+def _check(cond: bool, op: str, message: str | Callable[[], str]) -> None:
+    """Raise ``ValueError`` naming ``op`` unless ``cond``. A message that needs formatting
+    is passed as a lambda: these checks run on every kernel call, and building the text
+    only on failure saves most of their cost."""
     if not cond:
-        raise ValueError(f"{op}: {message}")
+        raise ValueError(f"{op}: {message if isinstance(message, str) else message()}")
 
 
 def _check_tensor(x: torch.Tensor, op: str) -> None:
     if _C is None:
         raise RuntimeError("vllm._C is not built; reinstall with a C compiler available.")
     _check(
-        x.device.type == "cpu" and x.dtype in _DTYPE_CODES,
+        x.is_cpu and x.dtype in _DTYPE_CODES,
         op,
-        f"needs a CPU tensor of {list(_DTYPE_CODES)}; got {x.dtype} on {x.device}.",
+        lambda: f"needs a CPU tensor of {list(_DTYPE_CODES)}; got {x.dtype} on {x.device}.",
     )
 
 
@@ -88,7 +92,7 @@ def _fused_rms_norm(out, x, residual, weight, eps, op) -> None:
     _check(
         weight.shape == (hidden,) and weight.dtype == x.dtype and weight.is_contiguous(),
         op,
-        f"weight must be a contiguous [{hidden}] tensor of {x.dtype}.",
+        lambda: f"weight must be a contiguous [{hidden}] tensor of {x.dtype}.",
     )
     _rows(x, op)
     _C.rms_norm(
@@ -111,7 +115,7 @@ def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     _check(
         input.shape[-1] == 2 * d and out.shape == input.shape[:-1] + (d,),
         "silu_and_mul",
-        f"out must be {list(input.shape[:-1]) + [d]} for input {list(input.shape)}.",
+        lambda: f"out must be {list(input.shape[:-1]) + [d]} for input {list(input.shape)}.",
     )
     _check(
         out.is_contiguous() and out.dtype == input.dtype,
@@ -149,7 +153,7 @@ def rotary_embedding(
         and positions.is_contiguous()
         and positions.numel() == tokens == k_tokens,
         op,
-        f"positions must be contiguous int64 with one entry per token ({tokens}).",
+        lambda: f"positions must be contiguous int64 with one entry per token ({tokens}).",
     )
     _check(
         query.shape[-1] % head_size == 0
@@ -219,15 +223,17 @@ def reshape_and_cache(
             and c.dtype == key.dtype
             and c.shape == key_cache.shape,
             op,
-            f"caches must be contiguous [num_slots, {', '.join(map(str, key.shape[1:]))}] "
-            f"of {key.dtype}.",
+            lambda: (
+                f"caches must be contiguous [num_slots, {', '.join(map(str, key.shape[1:]))}] "
+                f"of {key.dtype}."
+            ),
         )
     _check(
         slot_mapping.dtype == torch.int64
         and slot_mapping.is_contiguous()
         and slot_mapping.shape == (tokens,),
         op,
-        f"slot_mapping must be int64 [{tokens}].",
+        lambda: f"slot_mapping must be int64 [{tokens}].",
     )
     if tokens:
         _C.reshape_and_cache(
