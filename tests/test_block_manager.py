@@ -52,6 +52,17 @@ def test_free_returns_blocks_and_double_free_is_noop() -> None:
     assert bm.ref_counts == [0, 0, 0, 0]
 
 
+def test_freed_blocks_are_reused_before_untouched_ones() -> None:
+    bm = BlockManager(num_blocks=16, block_size=2)
+    a = make_seq(0, 6)
+    first = bm.allocate(a, 6)
+    bm.free(a)
+    b = make_seq(1, 6)
+    assert bm.allocate(b, 6) == first  # the same blocks, in the same order
+    c = make_seq(2, 2)
+    assert bm.allocate(c, 2) == [3]  # then the pool's next untouched block
+
+
 def test_exhaustion_raises_without_changing_state() -> None:
     bm = BlockManager(num_blocks=3, block_size=4)
     a, b = make_seq(0, 8), make_seq(1, 8)
