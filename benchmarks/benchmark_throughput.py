@@ -70,6 +70,47 @@ def run_hf(model, prompts: list[list[int]], out_lens: list[int]) -> tuple[float,
     return elapsed, [row[width : width + n] for row, n in zip(out.tolist(), out_lens)]
 
 
+def linear_floors(model, n_prompt_tokens: int, workloads: dict[str, list[int]]) -> dict:
+    """Seconds the model's linear layers alone take for each workload on this machine.
+
+    The work every engine must do: one prefill over all prompt tokens (the LM head only
+    for each prompt's last one), then one step per further token over the requests still
+    running. Each layer is timed as one matrix multiply per step, the fastest of a few
+    runs of torch's plain and oneDNN-packed paths. transformers' time divided by this
+    bounds the ratio any engine could reach here, before attention, norms and sampling.
+    """
+    from vllm.model_executor.layers.linear import linear, onednn_packing_enabled
+
+    head = model.get_output_embeddings().weight
+    plain = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    packs = [plain]
+    if onednn_packing_enabled(plain[0].dtype, "cpu"):
+        packs.append([torch.ops.mkldnn._reorder_linear_weight(w) for w in plain])
+
+    def step_seconds(rows: int, head_rows: int, repeats: int = 3) -> float:
+        xs = [
+            torch.randn(head_rows if w is head else rows, w.shape[1], dtype=w.dtype) for w in plain
+        ]
+        best = float("inf")
+        for weights in packs:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for x, w in zip(xs, weights):
+                    linear(x, w)
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    floors = {}
+    with torch.no_grad():
+        prefill = step_seconds(n_prompt_tokens, len(next(iter(workloads.values()))), repeats=2)
+        for name, out_lens in workloads.items():
+            floors[name] = prefill
+            running = [sum(n > s for n in out_lens) for s in range(1, max(out_lens))]
+            for batch in set(running):
+                floors[name] += running.count(batch) * step_seconds(batch, batch)
+    return floors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +176,9 @@ def main() -> None:
                     seconds.setdefault((engine, name), []).append(sec)
                     outputs.setdefault((engine, name), out)
         del llm
+        floors = {}
+        if not args.skip_hf:
+            floors = linear_floors(model, sum(len(p) for p in prompts), workloads)
 
     results = {key: statistics.median(secs) for key, secs in seconds.items()}
     n_in = sum(len(p) for p in prompts)
@@ -161,6 +205,12 @@ def main() -> None:
                     t / v for v, t in zip(seconds[("vllm", name)], seconds[("transformers", name)])
                 ]
                 print(f"{name}: " + " ".join(f"{r:.2f}x" for r in ratios))
+    for name, floor in floors.items():
+        hf = results[("transformers", name)]
+        print(
+            f"{name}: the linear layers alone take {floor:.2f} s here, so no engine can beat "
+            f"transformers by more than {hf / floor:.2f}x on this machine"
+        )
     for name in workloads:
         if ("transformers", name) in outputs:
             ours, ref = outputs[("vllm", name)], outputs[("transformers", name)]
