@@ -60,6 +60,13 @@ def test_round_trip(model_dirs, tmp_path, arch, tp):
             llm.save_sharded_state(out)
         assert {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)} == before
         assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    if (arch, tp) == ("gpt2", 2):  # saving over a TP=2 checkpoint: the ranks delete the old
+        old_files = set(shard_files(out))
+        llm.save_sharded_state(out, pattern="again-{rank}-{part}.safetensors")
+        assert set(shard_files(out)) == {"again-0-0.safetensors", "again-1-0.safetensors"}
+        assert not old_files & set(os.listdir(out))
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+        assert greedy(llm, prompts) == want_tokens  # still serving from the replaced files
     shutdown(llm)
 
     files = shard_files(out)

@@ -3,9 +3,12 @@
 A save writes into a temporary directory beside the target (same filesystem), which
 holds an "incomplete" marker from its first moment to the end. When every file is in
 place it is swapped with the target in one step (``renameat2(RENAME_EXCHANGE)`` on
-Linux; two renames elsewhere), the old contents are deleted, and the marker is removed
-last. A directory holding the marker is refused by the loader, so a save killed at any
-point leaves either the previous checkpoint untouched or a directory that does not load.
+Linux; two renames elsewhere) and the marker is removed; the old contents, now in a
+temporary directory, are deleted after that (by all ranks together, see
+``split_for_deletion``). A directory holding the marker is refused by the loader, so a
+save killed at any point leaves either the previous checkpoint untouched or a directory
+that does not load; a killed deletion leaves a temporary directory that the next save
+into the same target removes.
 
 Files in the target that are not part of a sharded state (config, tokenizer, ...) are
 carried over into the new directory as hard links (copies where links are impossible).
@@ -154,8 +157,9 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, f"Cannot swap {a} into place: {os.strerror(err)}", b)
 
 
-def commit(tmp: str, target: str) -> None:
-    """Put the finished ``tmp`` at ``target``, delete what was there, then drop the marker."""
+def commit(tmp: str, target: str) -> str | None:
+    """Put the finished ``tmp`` at ``target`` and drop the marker; return the directory
+    that now holds the old contents, for the caller to delete (None: nothing replaced)."""
     _fsync_dir(tmp)
     old = None
     if not os.path.lexists(target):
@@ -167,12 +171,10 @@ def commit(tmp: str, target: str) -> None:
         old = os.path.join(head, tail.replace(_TMP_TAG, _OLD_TAG, 1))
         os.rename(target, old)
         os.rename(tmp, target)
-    parent = os.path.dirname(target)
-    _fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(os.path.dirname(target))
     os.remove(os.path.join(target, MARKER_NAME))
     _fsync_dir(target)
+    return old
 
 
 def _install_in_place(
@@ -197,15 +199,48 @@ def _install_in_place(
     _fsync_dir(target)
 
 
-def install(tmp: str, target: str, is_shard_state: Callable[[str], bool], last: str) -> None:
+def install(tmp: str, target: str, is_shard_state: Callable[[str], bool], last: str) -> str | None:
     """Make the finished ``tmp`` the contents of ``target``: the target's files for which
     ``is_shard_state`` is false are kept, the others replaced; ``last`` (the manifest) is
-    in place no earlier than the rest."""
+    in place no earlier than the rest. Returns a directory of old contents that the
+    caller deletes, or None."""
     if os.path.dirname(tmp) == target:
         _install_in_place(tmp, target, is_shard_state, last)
-    else:
-        carry_over(target, tmp, is_shard_state)
-        commit(tmp, target)
+        return None
+    carry_over(target, tmp, is_shard_state)
+    return commit(tmp, target)
+
+
+def split_for_deletion(path: str, parts: int) -> list[list[str]]:
+    """The files directly in ``path``, dealt into ``parts`` lists of about equal bytes.
+
+    Unlinking a large file costs time in proportion to its size (the kernel frees its
+    pages and extents), so when a save replaces a checkpoint every rank deletes one
+    share of the old files at the same time.
+    """
+    files = []
+    for entry in os.scandir(path):
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False):
+                files.append((entry.stat(follow_symlinks=False).st_size, entry.path))
+    shares: list[list[str]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for size, file in sorted(files, reverse=True):
+        i = loads.index(min(loads))
+        shares[i].append(file)
+        loads[i] += size
+    return shares
+
+
+def delete_files(paths: list[str]) -> None:
+    """Remove ``paths``; failures are logged, not raised (the save itself has succeeded)."""
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logger.warning("Could not delete %s, left from the replaced checkpoint: %s", path, e)
 
 
 def is_incomplete(path: str) -> bool:

@@ -87,7 +87,7 @@ def save_sharded_state(
                 rank,
                 group,
             )
-            _on_rank0(
+            old = _on_rank0(
                 lambda: _finish_save(model, target, tmp, pattern, records, world, vllm_config),
                 rank,
                 group,
@@ -96,6 +96,11 @@ def save_sharded_state(
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if old is not None:  # the replaced checkpoint: each rank deletes a share of it
+            old_dir, shares = old
+            _on_every_rank(lambda: sharded_state_dir.delete_files(shares[rank]), rank, group)
+            if rank == 0:
+                shutil.rmtree(old_dir, ignore_errors=True)
     if rank == 0:
         nbytes = sum(i["size"] for r in records for i in r["files"].values())
         logger.info(
@@ -310,9 +315,10 @@ def _finish_save(
     records: list[dict[str, Any]],
     world: int,
     vllm_config: VllmConfig | None,
-) -> None:
+) -> tuple[str, list[list[str]]] | None:
     """Rank 0: write the manifest, then put the directory in place keeping the target's
-    files that are not sharded state (old shards and the old manifest go)."""
+    files that are not sharded state. Returns the directory holding the replaced files
+    and their split into one share per rank, for the ranks to delete; or None."""
     files: dict[str, Any] = {}
     for record in records:
         for name, info in record["files"].items():
@@ -367,4 +373,7 @@ def _finish_save(
         f.write(_manifest_json(manifest))
         f.flush()
         os.fsync(f.fileno())
-    sharded_state_dir.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
+    old_dir = sharded_state_dir.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
+    if old_dir is None:
+        return None
+    return old_dir, sharded_state_dir.split_for_deletion(old_dir, world)
