@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import re
 import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -117,29 +118,38 @@ def tune_cpu_malloc() -> bool:
     return bool(ok)
 
 
+@functools.cache
+def _libc() -> Any:
+    """glibc through ctypes (None where unavailable); ``find_library`` runs a subprocess,
+    so the handle is looked up once."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux to back a large CPU tensor with transparent huge pages (``madvise``).
 
     For the KV cache, which is allocated untouched and faulted in as sequences grow: one
     2 MiB fault replaces 512 small ones (each a VM exit on virtual machines), and the
-    attention reads need fewer TLB entries. Only the 2 MiB-aligned part of the tensor is
-    advised. Returns False where the advice is unavailable (not Linux, THP disabled by
-    the system, no libc); the tensor works the same either way.
+    attention reads need fewer TLB entries.
+    Only the 2 MiB-aligned part of the tensor is advised. Returns False where the advice
+    is unavailable (not Linux, THP disabled by the system, no libc) or the tensor holds
+    no whole huge page; the tensor works the same either way.
     """
     import ctypes
-    import ctypes.util
 
-    if not sys.platform.startswith("linux") or not t.is_cpu:
+    if not sys.platform.startswith("linux") or not t.is_cpu or t.is_mkldnn:
         return False
     huge = 2 << 20
     start = -(-t.data_ptr() // huge) * huge
     end = (t.data_ptr() + t.numel() * t.element_size()) // huge * huge
-    if end <= start:
+    libc = _libc() if end > start else None
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madv_hugepage = 14
-        size = ctypes.c_size_t(end - start)
-        return libc.madvise(ctypes.c_void_p(start), size, madv_hugepage) == 0
-    except (OSError, AttributeError):
-        return False
+    madv_hugepage = 14
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madv_hugepage) == 0
