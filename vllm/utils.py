@@ -136,10 +136,10 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
     For the KV cache, which is allocated untouched and faulted in as sequences grow: one
     2 MiB fault replaces 512 small ones (each a VM exit on virtual machines), and the
-    attention reads need fewer TLB entries.
-    Only the 2 MiB-aligned part of the tensor is advised. Returns False where the advice
-    is unavailable (not Linux, THP disabled by the system, no libc) or the tensor holds
-    no whole huge page; the tensor works the same either way.
+    attention reads need fewer TLB entries. Only the 2 MiB-aligned part of the tensor is
+    advised. Returns False where the advice is unavailable (not Linux, THP disabled by
+    the system, no libc) or the tensor holds no whole huge page; the tensor works the
+    same either way.
     """
     import ctypes
 
