@@ -81,15 +81,17 @@ def linear_floors(model, n_prompt_tokens: int, workloads: dict[str, list[int]]) 
     """
     from vllm.model_executor.layers.linear import linear, onednn_packing_enabled
 
-    head = model.get_output_embeddings().weight
-    plain = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    is_head = [m is model.get_output_embeddings() for m in linears]
+    plain = [m.weight.detach() for m in linears]
     packs = [plain]
     if onednn_packing_enabled(plain[0].dtype, "cpu"):
         packs.append([torch.ops.mkldnn._reorder_linear_weight(w) for w in plain])
 
     def step_seconds(rows: int, head_rows: int, repeats: int = 3) -> float:
         xs = [
-            torch.randn(head_rows if w is head else rows, w.shape[1], dtype=w.dtype) for w in plain
+            torch.randn(head_rows if h else rows, w.shape[1], dtype=w.dtype)
+            for w, h in zip(plain, is_head)
         ]
         best = float("inf")
         for weights in packs:
