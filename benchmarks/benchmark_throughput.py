@@ -82,7 +82,8 @@ def linear_floors(model, n_prompt_tokens: int, workloads: dict[str, list[int]]) 
     from vllm.model_executor.layers.linear import linear, onednn_packing_enabled
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    is_head = [m is model.get_output_embeddings() for m in linears]
+    head = model.get_output_embeddings()
+    is_head = [m is head for m in linears]
     plain = [m.weight.detach() for m in linears]
     packs = [plain]
     if onednn_packing_enabled(plain[0].dtype, "cpu"):

@@ -91,33 +91,6 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def tune_cpu_malloc() -> bool:
-    """Keep freed activation memory in glibc's heap instead of giving it back to the OS.
-
-    A forward pass allocates and frees the same multi-MiB activations every layer. By
-    default glibc serves such blocks with fresh ``mmap`` pages and trims the heap when
-    they are freed, so each step faults its memory in again (on VMs a page fault costs
-    microseconds). This raises the mmap threshold to glibc's maximum (32 MiB) and the
-    trim threshold to 1 GiB, as upstream's advice to preload tcmalloc achieves for CPU
-    inference. Returns False where glibc's ``mallopt`` is not available.
-    """
-    import ctypes
-    import ctypes.util
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    ok = mallopt(m_mmap_threshold, 32 << 20) == 1
-    ok &= mallopt(m_trim_threshold, 1 << 30) == 1
-    ok &= mallopt(m_top_pad, 64 << 20) == 1
-    return bool(ok)
-
-
 @functools.cache
 def _libc() -> Any:
     """glibc through ctypes (None where unavailable); ``find_library`` runs a subprocess,
@@ -131,6 +104,27 @@ def _libc() -> Any:
         return None
 
 
+def tune_cpu_malloc() -> bool:
+    """Keep freed activation memory in glibc's heap instead of giving it back to the OS.
+
+    A forward pass allocates and frees the same multi-MiB activations every layer. By
+    default glibc serves such blocks with fresh ``mmap`` pages and trims the heap when
+    they are freed, so each step faults its memory in again (on VMs a page fault costs
+    microseconds). This raises the mmap threshold to glibc's maximum (32 MiB) and the
+    trim threshold to 1 GiB, as upstream's advice to preload tcmalloc achieves for CPU
+    inference. Returns False where glibc's ``mallopt`` is not available.
+    """
+    libc = _libc() if sys.platform.startswith("linux") else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:  # no libc, or not glibc (e.g. musl)
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    ok = mallopt(m_mmap_threshold, 32 << 20) == 1
+    ok &= mallopt(m_trim_threshold, 1 << 30) == 1
+    ok &= mallopt(m_top_pad, 64 << 20) == 1
+    return bool(ok)
+
+
 def advise_huge_pages(t: torch.Tensor) -> bool:
     """Ask Linux to back a large CPU tensor with transparent huge pages (``madvise``).
 
@@ -142,8 +136,10 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     same either way.
     """
     import ctypes
+    import mmap
 
-    if not sys.platform.startswith("linux") or not t.is_cpu or t.is_mkldnn:
+    madv_hugepage = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
+    if madv_hugepage is None or not t.is_cpu or t.is_mkldnn:
         return False
     huge = 2 << 20
     start = -(-t.data_ptr() // huge) * huge
@@ -151,5 +147,4 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     libc = _libc() if end > start else None
     if libc is None:
         return False
-    madv_hugepage = 14
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madv_hugepage) == 0
