@@ -62,6 +62,67 @@ def test_filter_subtensors_non_contiguous_views():
     assert list(filter_subtensors({"p": flat[:6], "q": flat[4:]})) == ["p", "q"]
 
 
+def _covered_by_rule(key, t, state):
+    """The documented rule, pair by pair: is ``t`` dropped in favour of another tensor?"""
+
+    def span(x):
+        last = sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+        return x.data_ptr(), x.data_ptr() + (last + 1) * x.element_size()
+
+    a, b = span(t)
+    for key2, t2 in state.items():
+        a2, b2 = span(t2)
+        if key2 == key or not t2.is_contiguous() or not (a2 <= a and b <= b2):
+            continue
+        if (a2, b2) != (a, b) or not t.is_contiguous() or key2 < key:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_filter_subtensors_many_views_of_one_storage(seed):
+    # What a model mapped from one file looks like: hundreds of views of one storage.
+    # Random slices, aliases, strided views and exact duplicates, against the rule.
+    g = torch.Generator().manual_seed(seed)
+    base = torch.empty(64, 16)
+    flat = base.view(-1)
+    state = {}
+
+    def r(n):
+        return int(torch.randint(n, (1,), generator=g))
+
+    for _ in range(300):
+        kind, lo = r(4), r(64)
+        hi = lo + 1 + r(64 - lo)
+        if kind == 0:
+            t = base[lo:hi]  # contiguous rows
+        elif kind == 1:
+            t = base[lo:hi, : 1 + r(16)]  # strided unless all columns
+        elif kind == 2:
+            t = flat[lo * 16 + r(16) : hi * 16]  # contiguous, unaligned start
+        else:
+            t = base[lo:hi].t()  # same bytes as rows lo:hi, not contiguous
+        state[f"t{r(400):03d}"] = t
+    expected = [k for k, t in state.items() if not _covered_by_rule(k, t, state)]
+    assert list(filter_subtensors(state)) == expected
+    assert expected  # the whole-span tensors survive
+
+
+def test_filter_subtensors_mapped_file_keeps_every_tensor(tmp_path):
+    # The sharded-state loader maps a file: every tensor is a view of one storage, none
+    # covering another, so re-saving the model must keep them all.
+    path = str(tmp_path / "f.safetensors")
+    tensors = {f"w{i:04d}": torch.full((3, 5), float(i)) for i in range(2000)}
+    save_file(tensors, path)
+    from vllm.model_executor.model_loader.safetensors_io import map_file
+
+    mapped = map_file(read_header(path))
+    assert len({t.untyped_storage().data_ptr() for t in mapped.values()}) == 1
+    filtered = filter_subtensors(mapped)
+    assert list(filtered) == list(mapped)
+    assert all(torch.equal(filtered[k], tensors[k]) for k in tensors)
+
+
 def test_filter_subtensors_on_meta_device():
     with torch.device("meta"):
         w, v = torch.empty(8, 4), torch.empty(8, 4)

@@ -48,17 +48,41 @@ def filter_subtensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for members in groups.values():
         if len(members) == 1:  # the common case: a tensor alone in its storage
             kept.add(members[0][0])
-            continue
-        group = [(key, t, *_byte_span(t)) for key, t in members]
-        for key, t, a, b in group:
-            for key2, t2, a2, b2 in group:
-                if key2 == key or not t2.is_contiguous() or a < a2 or b2 < b:
-                    continue  # t2 does not cover t
-                if a2 < a or b < b2 or not t.is_contiguous() or key2 < key:
-                    break  # t2 covers t and is the one kept
-            else:
-                kept.add(key)
+        else:  # e.g. a whole model mapped from one file by the sharded-state loader
+            kept.update(_uncovered(members))
     return {k: t for k, t in tensors.items() if k in kept}
+
+
+def _uncovered(members: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Keys of the tensors of one storage that no other tensor covers (rules above).
+
+    One sweep over the tensors sorted by their first byte, so a storage that holds
+    thousands of tensors (a mapped checkpoint file) costs n log n, not n^2: ``reach`` is
+    the furthest end of a contiguous tensor that starts before the current start, so a
+    tensor ending at or before it is covered by a strictly larger span.
+    """
+    by_start: dict[int, list[tuple[str, int, bool]]] = defaultdict(list)
+    for key, t in members:
+        start, end = _byte_span(t)
+        by_start[start].append((key, end, t.is_contiguous()))
+    kept: list[str] = []
+    reach = -1
+    for start in sorted(by_start):
+        here = by_start[start]
+        # The smallest key among the contiguous tensors of each exact span at this start.
+        first: dict[int, str] = {}
+        for key, end, contiguous in here:
+            if contiguous and (end not in first or key < first[end]):
+                first[end] = key
+        longest = max(first, default=-1)
+        for key, end, _ in here:
+            if reach >= end or longest > end:
+                continue  # covered by a contiguous tensor spanning strictly more
+            if end in first and first[end] != key:
+                continue  # same bytes: the contiguous one with the smallest key is kept
+            kept.append(key)
+        reach = max(reach, longest)
+    return kept
 
 
 def state_schema(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
