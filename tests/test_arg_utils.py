@@ -246,3 +246,26 @@ def test_unsupported_set_names_real_fields() -> None:
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     assert _UNSUPPORTED_ARGS <= names
     assert "served_model_name" not in _UNSUPPORTED_ARGS
+
+
+@pytest.mark.parametrize(
+    "flags,dtype,warns",
+    [
+        ("fpu avx2 avx512f", "bfloat16", True),  # AVX-512 without BF16: emulated
+        ("fpu avx2 avx512f avx512_bf16", "bfloat16", False),
+        ("fpu avx2 amx_bf16", "bfloat16", False),
+        ("fpu avx2", "float16", True),
+        ("fpu avx2", "float32", False),
+    ],
+)
+def test_cpu_without_native_16bit_gemm_suggests_float32(
+    tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture, monkeypatch, flags, dtype, warns
+) -> None:
+    import vllm.utils
+
+    monkeypatch.setattr(vllm.utils, "_cpu_flags", lambda: frozenset(flags.split()))
+    EngineArgs(model=tiny_llama, dtype=dtype, device="cpu").create_engine_config()
+    hints = [r.getMessage() for r in vllm_caplog.records if "dtype='float32'" in r.getMessage()]
+    assert len(hints) == warns, hints
+    if warns:
+        assert hints[0].startswith(f"dtype={dtype} on a CPU without ")
