@@ -19,6 +19,7 @@ from vllm.model_executor.model_loader.weight_utils import (
     safetensors_weights_iterator,
 )
 from vllm.model_executor.models.registry import ModelRegistry
+from vllm.utils import gc_paused
 
 logger = init_logger(__name__)
 
@@ -36,9 +37,11 @@ def _default_dtype(dtype: torch.dtype):
 def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """Construct the model with uninitialised parameters directly in the target dtype/device."""
     model_cls = ModelRegistry.resolve_model_cls(model_config.architecture)
-    with _default_dtype(model_config.dtype), torch.device(device):
+    # gc_paused: a model of thousands of modules triggers full collections as it grows,
+    # ~40% of the construction time of a 12k-tensor model in a fresh process.
+    with gc_paused(), _default_dtype(model_config.dtype), torch.device(device):
         model = model_cls(model_config.hf_config).eval()
-    record_initial_state(model)  # what save_sharded_state must write for this model to load
+        record_initial_state(model)  # what save_sharded_state must write for it to load
     return model
 
 
@@ -97,7 +100,7 @@ class DefaultModelLoader(BaseModelLoader):
         files, use_safetensors = find_weight_files(model_dir, self.load_config.load_format)
         iterate = safetensors_weights_iterator if use_safetensors else pt_weights_iterator
         stats = ReadStats()
-        with torch.no_grad():
+        with torch.no_grad(), gc_paused():  # objects made per tensor trigger full collections
             loaded = model.load_weights(iterate(files, stats))
         check_all_loaded(model, loaded)
         log_weights_loaded(start, stats.bytes_read)
