@@ -77,9 +77,10 @@ def process_memory() -> tuple[int, int]:
 def gc_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for the block.
 
-    Code that creates a dict or two per tensor (a save's manifest) triggers full
-    collections, each walking every object of the process: 0.1-0.2 s apiece once torch,
-    transformers and a model of thousands of modules are loaded. Objects made in the
+    Code that creates an object or two per module or tensor (building a model, loading
+    it, a save's manifest) triggers full collections, each walking every object of the
+    process: 0.1-0.2 s apiece once torch, transformers and a model of thousands of
+    modules are loaded. Objects made in the
     block are still freed by reference counting; cycles wait for the next collection.
     """
     enabled = gc.isenabled()
