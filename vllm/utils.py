@@ -80,8 +80,8 @@ def gc_paused() -> Iterator[None]:
     Code that creates an object or two per module or tensor (building a model, loading
     it, a save's manifest) triggers full collections, each walking every object of the
     process: 0.1-0.2 s apiece once torch, transformers and a model of thousands of
-    modules are loaded. Objects made in the
-    block are still freed by reference counting; cycles wait for the next collection.
+    modules are loaded. Objects made in the block are still freed by reference counting;
+    cycles wait for the next collection.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -112,7 +112,7 @@ NATIVE_GEMM_FLAGS = {
 }
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags from /proc/cpuinfo; None where that is not readable."""
     try:
