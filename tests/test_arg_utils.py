@@ -249,7 +249,7 @@ def test_unsupported_set_names_real_fields() -> None:
 
 
 @pytest.mark.parametrize(
-    "flags,dtype,warns",
+    "flags,dtype,emulated",
     [
         ("fpu avx2 avx512f", "bfloat16", True),  # AVX-512 without BF16: emulated
         ("fpu avx2 avx512f avx512_bf16", "bfloat16", False),
@@ -258,14 +258,29 @@ def test_unsupported_set_names_real_fields() -> None:
         ("fpu avx2", "float32", False),
     ],
 )
-def test_cpu_without_native_16bit_gemm_suggests_float32(
-    tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture, monkeypatch, flags, dtype, warns
+@pytest.mark.parametrize("kernels", ["built", "disabled"])
+def test_cpu_without_native_16bit_gemm_is_reported(
+    tiny_llama: str,
+    vllm_caplog: pytest.LogCaptureFixture,
+    monkeypatch,
+    flags,
+    dtype,
+    emulated,
+    kernels,
 ) -> None:
+    # With the kernel the engine says its linear layers take it; without it (or with
+    # VLLM_CPU_LOWP_LINEAR=0) it warns and suggests float32. Native CPUs hear neither.
     import vllm.utils
+    from vllm import _custom_ops as ops
 
     monkeypatch.setattr(vllm.utils, "_cpu_flags", lambda: frozenset(flags.split()))
+    monkeypatch.setattr(ops, "HAS_CPU_KERNELS", kernels == "built")
+    vllm_caplog.set_level(logging.INFO, logger="vllm")
     EngineArgs(model=tiny_llama, dtype=dtype, device="cpu").create_engine_config()
-    hints = [r.getMessage() for r in vllm_caplog.records if "dtype='float32'" in r.getMessage()]
-    assert len(hints) == warns, hints
-    if warns:
-        assert hints[0].startswith(f"dtype={dtype} on a CPU without ")
+    messages = [r.getMessage() for r in vllm_caplog.records]
+    hints = [m for m in messages if "dtype='float32'" in m]
+    takes_kernel = [m for m in messages if "lowp_linear" in m]
+    assert len(hints) == (emulated and kernels == "disabled"), messages
+    assert len(takes_kernel) == (emulated and kernels == "built"), messages
+    for m in hints + takes_kernel:
+        assert m.startswith(f"dtype={dtype} on a CPU without ")

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from vllm.utils import cpu_lacks_native_gemm
+
 try:
     from vllm import _C
 except ImportError:  # built without a compiler: the torch paths are used
@@ -276,6 +278,64 @@ def argmax_logsumexp(
             torch.get_num_threads(),
         )
     return ids, maxes, log_sums
+
+
+def lowp_linear_wanted(dtype: torch.dtype) -> bool:
+    """Whether linear layers of ``dtype`` should take ``lowp_linear`` on this CPU: a
+    16-bit dtype it has no native GEMM for (``vllm.utils.cpu_lacks_native_gemm``), unless
+    ``VLLM_CPU_LOWP_LINEAR=0``. Says nothing about whether ``vllm._C`` is built."""
+    return (
+        dtype in (torch.bfloat16, torch.float16)
+        and os.environ.get("VLLM_CPU_LOWP_LINEAR", "1") != "0"
+        and cpu_lacks_native_gemm(dtype)
+    )
+
+
+def lowp_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` for bfloat16 or float16 ``x`` [M, K] (rows may be strided) and a
+    row-major ``weight`` [N, K] of the same dtype, products summed in float32 and rounded
+    once, as torch does; made for CPUs that lack native 16-bit GEMMs, where it streams
+    the 16-bit weight and widens it in registers. Returns [M, N]."""
+    op = "lowp_linear"
+    _check(
+        x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2,
+        op,
+        lambda: f"needs a bfloat16 or float16 [M, K] input; got {x.dtype} {list(x.shape)}.",
+    )
+    rows, stride = _rows(x, op)
+    _check_tensor(weight, op)
+    n, k = weight.shape
+    _check(
+        weight.dtype == x.dtype and k == x.shape[1] and weight.stride(1) == 1,
+        op,
+        lambda: (
+            f"weight must be {x.dtype} [N, {x.shape[1]}] with contiguous rows; got "
+            f"{weight.dtype} {list(weight.shape)}, strides {weight.stride()}."
+        ),
+    )
+    _check(
+        bias is None or (bias.dtype == x.dtype and bias.shape == (n,) and bias.is_contiguous()),
+        op,
+        lambda: f"bias must be a contiguous {x.dtype} [{n}].",
+    )
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    _C.lowp_linear(
+        out.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        rows,
+        n,
+        k,
+        n,
+        stride,
+        weight.stride(0),
+        _DTYPE_CODES[x.dtype],
+        torch.get_num_threads(),
+    )
+    return out
 
 
 def decode_kernel_supports(head_size: int, dtype: torch.dtype) -> bool:

@@ -13,6 +13,8 @@ static PyMethodDef methods[] = {
      "Write new keys and values into their KV-cache slots (cache.c)."},
     {"argmax_logsumexp", vllm_argmax_logsumexp, METH_VARARGS,
      "Argmax and logsumexp of float32 logits rows in one pass (sampler.c)."},
+    {"lowp_linear", vllm_lowp_linear, METH_VARARGS,
+     "Linear layer with 16-bit weights computed in float32 (gemm.c)."},
     {NULL, NULL, 0, NULL},
 };
 

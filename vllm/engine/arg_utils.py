@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
+from vllm import _custom_ops as ops
 from vllm.config import (
     LOAD_FORMATS,
     CacheConfig,
@@ -23,6 +26,31 @@ from vllm.utils import NATIVE_GEMM_FLAGS, FlexibleArgumentParser, cpu_lacks_nati
 __all__ = ["EngineArgs", "FlexibleArgumentParser"]
 
 logger = init_logger(__name__)
+
+
+def _log_cpu_lowp_gemm(dtype: torch.dtype) -> None:
+    """Say how the linear layers of a 16-bit ``dtype`` run on a CPU with no native GEMM
+    for it (torch emulates those at about a third of its float32 speed)."""
+    name = str(dtype).removeprefix("torch.")
+    flags = " or ".join(NATIVE_GEMM_FLAGS[name])
+    if ops.HAS_CPU_KERNELS and ops.lowp_linear_wanted(dtype):
+        logger.info(
+            "dtype=%s on a CPU without %s: linear layers widen the %s weights to float32 "
+            "as they read them (vllm._C lowp_linear) instead of torch's emulated GEMM.",
+            name,
+            flags,
+            name,
+        )
+        return
+    logger.warning(
+        "dtype=%s on a CPU without %s: torch emulates %s matrix multiplies, several times "
+        "slower than float32. dtype='float32' runs faster here, at twice the weight memory%s.",
+        name,
+        flags,
+        name,
+        "" if ops.HAS_CPU_KERNELS else "; or reinstall with a C compiler to build vllm._C",
+    )
+
 
 # Accepted so that vLLM scripts and command lines keep working, but they change nothing here.
 # Setting one to a non-default value logs a warning (enable_lora=True is an error instead).
@@ -192,15 +220,7 @@ class EngineArgs:
         )
         device_config = DeviceConfig(device=self.device)
         if device_config.device == "cpu" and cpu_lacks_native_gemm(model_config.dtype):
-            name = str(model_config.dtype).removeprefix("torch.")
-            logger.warning(
-                "dtype=%s on a CPU without %s: torch emulates %s matrix multiplies, several "
-                "times slower than float32. dtype='float32' runs faster here, at twice the "
-                "weight memory.",
-                name,
-                " or ".join(NATIVE_GEMM_FLAGS[name]),
-                name,
-            )
+            _log_cpu_lowp_gemm(model_config.dtype)
         return VllmConfig(
             model_config=model_config,
             cache_config=cache_config,
