@@ -280,12 +280,42 @@ def argmax_logsumexp(
     return ids, maxes, log_sums
 
 
+_LOWP_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _lowp_linear_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    op = "lowp_linear"
+    _check(
+        x.dtype in _LOWP_DTYPES and x.dim() == 2,
+        op,
+        f"needs a bfloat16 or float16 [M, K] input; got {x.dtype} {list(x.shape)}.",
+    )
+    _rows(x, op)
+    _check_tensor(weight, op)
+    n = weight.shape[0]
+    _check(
+        weight.dtype == x.dtype
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[1]
+        and weight.stride(1) == 1,
+        op,
+        f"weight must be {x.dtype} [N, {x.shape[1]}] with contiguous rows; got "
+        f"{weight.dtype} {list(weight.shape)}, strides {weight.stride()}.",
+    )
+    _check(
+        bias is None or (bias.dtype == x.dtype and bias.shape == (n,) and bias.is_contiguous()),
+        op,
+        f"bias must be a contiguous {x.dtype} [{n}].",
+    )
+    raise AssertionError("unreachable: lowp_linear's fast check and its messages disagree")
+
+
 def lowp_linear_wanted(dtype: torch.dtype) -> bool:
     """Whether linear layers of ``dtype`` should take ``lowp_linear`` on this CPU: a
     16-bit dtype it has no native GEMM for (``vllm.utils.cpu_lacks_native_gemm``), unless
     ``VLLM_CPU_LOWP_LINEAR=0``. Says nothing about whether ``vllm._C`` is built."""
     return (
-        dtype in (torch.bfloat16, torch.float16)
+        dtype in _LOWP_DTYPES
         and os.environ.get("VLLM_CPU_LOWP_LINEAR", "1") != "0"
         and cpu_lacks_native_gemm(dtype)
     )
@@ -298,28 +328,23 @@ def lowp_linear(
     row-major ``weight`` [N, K] of the same dtype, products summed in float32 and rounded
     once, as torch does; made for CPUs that lack native 16-bit GEMMs, where it streams
     the 16-bit weight and widens it in registers. Returns [M, N]."""
-    op = "lowp_linear"
-    _check(
-        x.dtype in (torch.bfloat16, torch.float16) and x.dim() == 2,
-        op,
-        lambda: f"needs a bfloat16 or float16 [M, K] input; got {x.dtype} {list(x.shape)}.",
-    )
-    rows, stride = _rows(x, op)
-    _check_tensor(weight, op)
-    n, k = weight.shape
-    _check(
-        weight.dtype == x.dtype and k == x.shape[1] and weight.stride(1) == 1,
-        op,
-        lambda: (
-            f"weight must be {x.dtype} [N, {x.shape[1]}] with contiguous rows; got "
-            f"{weight.dtype} {list(weight.shape)}, strides {weight.stride()}."
-        ),
-    )
-    _check(
-        bias is None or (bias.dtype == x.dtype and bias.shape == (n,) and bias.is_contiguous()),
-        op,
-        lambda: f"bias must be a contiguous {x.dtype} [{n}].",
-    )
+    n, k = weight.shape if weight.dim() == 2 else (0, -1)
+    # One test on the hot path (a decode step makes ~50 calls); the messages on failure.
+    if not (
+        x.dtype in _LOWP_DTYPES
+        and weight.dtype == x.dtype
+        and x.dim() == 2
+        and x.shape[1] == k
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and x.is_cpu
+        and weight.is_cpu
+        and (
+            bias is None or (bias.dtype == x.dtype and bias.shape == (n,) and bias.is_contiguous())
+        )
+    ):
+        _lowp_linear_error(x, weight, bias)
+    rows, stride = x.shape[0], x.stride(0)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _C.lowp_linear(
         out.data_ptr(),

@@ -122,7 +122,7 @@ AVX512_INLINE __m256 lane_sums8(const __m512 v[8]) {
 /* out[j][i] = sum over the first nb blocks of k of x[i, k] * w[j, k]; xt is a tile of
  * the widened x (blocks of [MR16][bk]). */
 AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_t *w,
-                           int64_t ldw, int64_t nb, const int nr, const int dtype) {
+                           int64_t ldw, int64_t nb, int64_t ahead, const int nr, const int dtype) {
     __m512 acc[MR16][NR16];
 #pragma GCC unroll 8
     for (int i = 0; i < MR16; i++)
@@ -133,6 +133,10 @@ AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_
         for (int64_t b = 0; b < nb; b++) {
             const uint16_t *wb = w + b * 32;
             const float *xb = xt + b * MR16 * 32;
+            if (ahead)
+#pragma GCC unroll 3
+                for (int j = 0; j < nr; j++)
+                    _mm_prefetch((const char *)(wb + (ahead + j) * ldw), _MM_HINT_T0);
             __m512 wv[NR16];
 #pragma GCC unroll 3
             for (int j = 0; j < nr; j++)
@@ -159,6 +163,10 @@ AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_
     } else {
         for (int64_t b = 0; b < nb; b++) {
             __m512 wv[NR16];
+            if (ahead)
+#pragma GCC unroll 3
+                for (int j = 0; j < nr; j++)
+                    _mm_prefetch((const char *)(w + (ahead + j) * ldw + b * 16), _MM_HINT_T0);
 #pragma GCC unroll 3
             for (int j = 0; j < nr; j++)
                 wv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + j * ldw + b * 16)));
@@ -180,16 +188,36 @@ AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_
     }
 }
 
-AVX512_TARGET static void micro16_any(float out[NR16][MR16], const float *xt, const uint16_t *w, int64_t ldw, int64_t nb, int nr,
+AVX512_TARGET static void micro16_any(float out[NR16][MR16], const float *xt, const uint16_t *w, int64_t ldw, int64_t nb, int64_t ahead, int nr,
                                       int dtype) {
     if (dtype == DTYPE_BF16) {
-        if (nr == 3) micro16(out, xt, w, ldw, nb, 3, DTYPE_BF16);
-        else if (nr == 2) micro16(out, xt, w, ldw, nb, 2, DTYPE_BF16);
-        else micro16(out, xt, w, ldw, nb, 1, DTYPE_BF16);
+        if (nr == 3) micro16(out, xt, w, ldw, nb, ahead, 3, DTYPE_BF16);
+        else if (nr == 2) micro16(out, xt, w, ldw, nb, ahead, 2, DTYPE_BF16);
+        else micro16(out, xt, w, ldw, nb, ahead, 1, DTYPE_BF16);
     } else {
-        if (nr == 3) micro16(out, xt, w, ldw, nb, 3, DTYPE_F16);
-        else if (nr == 2) micro16(out, xt, w, ldw, nb, 2, DTYPE_F16);
-        else micro16(out, xt, w, ldw, nb, 1, DTYPE_F16);
+        if (nr == 3) micro16(out, xt, w, ldw, nb, ahead, 3, DTYPE_F16);
+        else if (nr == 2) micro16(out, xt, w, ldw, nb, ahead, 2, DTYPE_F16);
+        else micro16(out, xt, w, ldw, nb, ahead, 1, DTYPE_F16);
+    }
+}
+
+/* h[j][i] = out[j][i] rounded to the dtype (to nearest even; NaN stays NaN), j < nr. */
+AVX512_TARGET static void narrow16(uint16_t h[3][8], float out[NR16][MR16], int nr, int dtype) {
+    for (int j = 0; j < nr; j++) {
+        const __m256 r = _mm256_loadu_ps(out[j]);
+        __m128i v;
+        if (dtype == DTYPE_BF16) {
+            const __m256i u = _mm256_castps_si256(r);
+            const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+            __m256i b = _mm256_srli_epi32(
+                _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+            const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+            b = _mm256_mask_mov_epi32(b, _mm256_cmp_ps_mask(r, r, _CMP_UNORD_Q), quiet);
+            v = _mm256_cvtepi32_epi16(b);
+        } else {
+            v = _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        }
+        _mm_storeu_si128((__m128i *)h[j], v);
     }
 }
 #endif
@@ -249,20 +277,34 @@ static void gemm_columns(uint16_t *y, int64_t ldy, const float *xf, int64_t M, i
                     const int nr = g1 - n < nrmax ? (int)(g1 - n) : nrmax;
                     const uint16_t *wn = w + n * ldw;
 #if HAVE_AVX512_PATH
-                    if (wide) micro16_any(out, xm, wn, ldw, nb, nr, dtype);
+                    if (wide) micro16_any(out, xm, wn, ldw, nb, m == m0 ? NG * NR16 : 0, nr, dtype);
                     else
 #endif
                         micro8_any((float(*)[MR8])out, xm, wn, ldw, nb, nr, dtype);
-                    for (int i = 0; i < mr && m + i < M; i++) {
-                        const float *xr = xm + kfull * mr + i * (K - kfull); /* the k tail */
-                        for (int j = 0; j < nr; j++) {
-                            float s = wide ? out[j][i] : ((float(*)[MR8])out)[j][i];
-                            for (int64_t k = kfull; k < K; k++)
-                                s += xr[k - kfull] * widen_any(wn[j * ldw + k], dtype);
-                            if (bias) s += widen_any(bias[n + j], dtype);
-                            y[(m + i) * ldy + n + j] = narrow(s, dtype);
+                    const int rows = M - m < mr ? (int)(M - m) : mr;
+                    float(*o)[8] = out;
+                    if (kfull < K || bias)
+                        for (int i = 0; i < rows; i++) {
+                            const float *xr = xm + kfull * mr + i * (K - kfull); /* k tail */
+                            for (int j = 0; j < nr; j++) {
+                                float s = 0.0f;
+                                for (int64_t k = kfull; k < K; k++)
+                                    s += xr[k - kfull] * widen_any(wn[j * ldw + k], dtype);
+                                if (bias) s += widen_any(bias[n + j], dtype);
+                                if (wide) o[j][i] += s;
+                                else ((float(*)[MR8])out)[j][i] += s;
+                            }
                         }
-                    }
+                    uint16_t h[3][8];
+#if HAVE_AVX512_PATH
+                    if (wide) narrow16(h, out, nr, dtype);
+                    else
+#endif
+                        for (int j = 0; j < nr; j++)
+                            for (int i = 0; i < rows; i++)
+                                h[j][i] = narrow(((float(*)[MR8])out)[j][i], dtype);
+                    for (int i = 0; i < rows; i++)
+                        for (int j = 0; j < nr; j++) y[(m + i) * ldy + n + j] = h[j][i];
                 }
             }
         }

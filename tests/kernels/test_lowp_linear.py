@@ -75,8 +75,23 @@ def test_lowp_linear_rejects_mismatched_weight():
         ops.lowp_linear(x, torch.randn(4, 8).half())
     with pytest.raises(ValueError, match=r"lowp_linear: weight must be .* \[N, 8\]"):
         ops.lowp_linear(x, torch.randn(4, 9).bfloat16())
+    with pytest.raises(ValueError, match=r"lowp_linear: weight must be .* got .* \[8\]"):
+        ops.lowp_linear(x, torch.randn(8).bfloat16())
+    with pytest.raises(ValueError, match="lowp_linear: bias must be a contiguous"):
+        ops.lowp_linear(x, torch.randn(4, 8).bfloat16(), torch.randn(5).bfloat16())
     with pytest.raises(ValueError, match="lowp_linear: needs a bfloat16 or float16"):
         ops.lowp_linear(x.float(), torch.randn(4, 8))
+
+
+def test_lowp_linear_propagates_nan_and_inf():
+    # A NaN or infinity in a row of x reaches every output of that row, as in torch.
+    x = torch.randn(9, 64).bfloat16()
+    x[2, 5], x[7, 0] = float("nan"), float("inf")
+    w = torch.randn(40, 64).bfloat16()
+    out = ops.lowp_linear(x, w).float()
+    assert out[2].isnan().all() and not out[7].isfinite().any()
+    ok = [i for i in range(9) if i not in (2, 7)]
+    assert out[ok].isfinite().all()
 
 
 class _CountingC:
