@@ -248,14 +248,18 @@ def test_unsupported_set_names_real_fields() -> None:
     assert "served_model_name" not in _UNSUPPORTED_ARGS
 
 
+AVX512 = "avx512f avx512bw avx512dq avx512vl"
+
+
 @pytest.mark.parametrize(
-    "flags,dtype,emulated",
+    "flags,dtype,emulated,kernel_fits",
     [
-        ("fpu avx2 avx512f", "bfloat16", True),  # AVX-512 without BF16: emulated
-        ("fpu avx2 avx512f avx512_bf16", "bfloat16", False),
-        ("fpu avx2 amx_bf16", "bfloat16", False),
-        ("fpu avx2", "float16", True),
-        ("fpu avx2", "float32", False),
+        (f"fpu avx2 {AVX512}", "bfloat16", True, True),  # AVX-512 without BF16: emulated
+        (f"fpu avx2 {AVX512} avx512_bf16", "bfloat16", False, False),
+        ("fpu avx2 amx_bf16", "bfloat16", False, False),
+        (f"fpu avx2 {AVX512}", "float16", True, True),
+        ("fpu avx2", "float16", True, False),  # AVX2 only: the kernel is not measured there
+        ("fpu avx2", "float32", False, False),
     ],
 )
 @pytest.mark.parametrize("kernels", ["built", "disabled"])
@@ -266,10 +270,12 @@ def test_cpu_without_native_16bit_gemm_is_reported(
     flags,
     dtype,
     emulated,
+    kernel_fits,
     kernels,
 ) -> None:
-    # With the kernel the engine says its linear layers take it; without it (or with
-    # VLLM_CPU_LOWP_LINEAR=0) it warns and suggests float32. Native CPUs hear neither.
+    # Where the kernel runs the engine says its linear layers take it; without it (not
+    # built, VLLM_CPU_LOWP_LINEAR=0, no AVX-512) it warns and suggests float32. CPUs with
+    # native 16-bit GEMMs hear neither.
     import vllm.utils
     from vllm import _custom_ops as ops
 
@@ -280,7 +286,31 @@ def test_cpu_without_native_16bit_gemm_is_reported(
     messages = [r.getMessage() for r in vllm_caplog.records]
     hints = [m for m in messages if "dtype='float32'" in m]
     takes_kernel = [m for m in messages if "lowp_linear" in m]
-    assert len(hints) == (emulated and kernels == "disabled"), messages
-    assert len(takes_kernel) == (emulated and kernels == "built"), messages
+    takes = emulated and kernel_fits and kernels == "built"
+    assert len(hints) == (emulated and not takes), messages
+    assert len(takes_kernel) == takes, messages
     for m in hints + takes_kernel:
         assert m.startswith(f"dtype={dtype} on a CPU without ")
+
+
+@pytest.mark.parametrize(
+    "flags,setting,wanted",
+    [
+        (f"fpu avx2 {AVX512}", None, True),
+        (f"fpu avx2 {AVX512}", "0", False),
+        ("fpu avx2", None, False),
+        ("fpu avx2", "1", True),  # asks for the portable path on an AVX2 CPU
+        (f"fpu avx2 {AVX512} avx512_bf16", "1", False),  # native: torch's GEMM stays
+    ],
+)
+def test_lowp_linear_setting(monkeypatch, flags, setting, wanted) -> None:
+    import vllm.utils
+    from vllm import _custom_ops as ops
+
+    monkeypatch.setattr(vllm.utils, "_cpu_flags", lambda: frozenset(flags.split()))
+    if setting is None:
+        monkeypatch.delenv("VLLM_CPU_LOWP_LINEAR", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_LOWP_LINEAR", setting)
+    assert ops.lowp_linear_wanted(torch.bfloat16) is wanted
+    assert ops.lowp_linear_wanted(torch.float32) is False

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from vllm.utils import cpu_lacks_native_gemm
+from vllm.utils import cpu_has_avx512, cpu_lacks_native_gemm
 
 try:
     from vllm import _C
@@ -312,13 +312,14 @@ def _lowp_linear_error(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def lowp_linear_wanted(dtype: torch.dtype) -> bool:
     """Whether linear layers of ``dtype`` should take ``lowp_linear`` on this CPU: a
-    16-bit dtype it has no native GEMM for (``vllm.utils.cpu_lacks_native_gemm``), unless
-    ``VLLM_CPU_LOWP_LINEAR=0``. Says nothing about whether ``vllm._C`` is built."""
-    return (
-        dtype in _LOWP_DTYPES
-        and os.environ.get("VLLM_CPU_LOWP_LINEAR", "1") != "0"
-        and cpu_lacks_native_gemm(dtype)
-    )
+    16-bit dtype it has no native GEMM for (``vllm.utils.cpu_lacks_native_gemm``), on a
+    CPU with AVX-512, where the kernel was measured faster than torch's emulation.
+    ``VLLM_CPU_LOWP_LINEAR=0`` turns it off, ``=1`` also takes the kernel's portable path
+    on other x86 CPUs (AVX2). Says nothing about whether ``vllm._C`` is built."""
+    setting = os.environ.get("VLLM_CPU_LOWP_LINEAR", "")
+    if dtype not in _LOWP_DTYPES or setting == "0" or not cpu_lacks_native_gemm(dtype):
+        return False
+    return setting == "1" or cpu_has_avx512()
 
 
 def lowp_linear(

@@ -137,6 +137,15 @@ def cpu_lacks_native_gemm(dtype: torch.dtype) -> bool:
     return not any(flag in flags for flag in wanted)
 
 
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl")
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the CPU has the AVX-512 subsets vllm._C's AVX-512 kernels use."""
+    flags = _cpu_flags()
+    return flags is not None and all(f in flags for f in AVX512_FLAGS)
+
+
 def tune_cpu_malloc() -> bool:
     """Keep freed activation memory in glibc's heap instead of giving it back to the OS.
 
