@@ -94,7 +94,18 @@ static inline void round_to(float *x, int64_t n, int dtype) {
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
 
+typedef uint32_t v8u __attribute__((vector_size(32), aligned(2)));
+typedef uint16_t v8us __attribute__((vector_size(16), aligned(2)));
+typedef _Float16 v8h __attribute__((vector_size(16), aligned(2)));
+
 VEC_INLINE v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* Eight elements of a float32, bfloat16 or float16 array as float32. */
+VEC_INLINE v8f load8_f32(const void *p, int dtype) {
+    if (dtype == DTYPE_F32) return *(const v8f *)p;
+    if (dtype == DTYPE_BF16) return (v8f)(__builtin_convertvector(*(const v8us *)p, v8u) << 16);
+    return __builtin_convertvector(*(const v8h *)p, v8f);
+}
 
 VEC_INLINE float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));

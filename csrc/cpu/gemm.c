@@ -225,9 +225,6 @@ AVX512_TARGET static void narrow16(uint16_t h[3][8], float out[NR16][MR16], int 
 /* ---- Portable path (AVX2 clone where available): MR x NR = 4 x 2 of 8 floats ----- */
 enum { MR8 = 4, NR8 = 2 };
 
-typedef uint32_t v8u __attribute__((vector_size(32), aligned(2)));
-typedef _Float16 v8h __attribute__((vector_size(16), aligned(2)));
-
 MULTIVERSION static void micro8_any(float out[NR8][MR8], const float *xt, const uint16_t *w, int64_t ldw, int64_t nb, int nr,
                                     int dtype) {
     v8f acc[MR8][NR8] = {{{0}}};

@@ -36,29 +36,36 @@ typedef struct {
     int error;
 } Job;
 
-static inline void prefetch_row(const float *row, int64_t bytes) {
+static inline void prefetch_row(const char *row, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)row + b);
 }
 
 /*
  * One sequence, every head. k_rows/v_rows[t] point at token t's cache slot (all kv
- * heads, float32); scores holds room for every head's max_seq_len rounded up to 8
+ * heads, in the cache's dtype, widened to float32 as they are read); scores holds room for every head's max_seq_len rounded up to 8
  * (stride `padded`), acc for every head's output. Token-major: each slot's K and V are
  * read once, front to back, for all heads (a slot is num_kv_heads * d contiguous
  * floats, a block 16 such slots), and each kv head's part serves its group of query
- * heads from registers. Inlined into a copy per common head size so the loops over
- * head_size unroll.
+ * heads from registers (a 16-bit kv head is widened once into `kw` for its group).
+ * Inlined into a copy per dtype and common head size so the loops over head_size
+ * unroll.
  */
 static inline __attribute__((always_inline)) void seq_attention(
-    const Job *j, const float *const *k_rows, const float *const *v_rows, const float *q,
-    int64_t len, float *scores, float *acc_mem, float *out, const int64_t d) {
+    const Job *j, const char *const *k_rows, const char *const *v_rows, const float *q,
+    int64_t len, float *scores, float *acc_mem, float *out, const int64_t d, const int dtype) {
     const int64_t heads = j->num_heads, kv_heads = j->num_kv_heads, group = heads / kv_heads;
-    const int64_t nv = d / 8, padded = (len + 7) & ~(int64_t)7;
-    const int64_t row_bytes = kv_heads * d * (int64_t)sizeof(float);
+    const int64_t nv = d / 8, padded = (len + 7) & ~(int64_t)7, es = dtype_size(dtype);
+    const int64_t row_bytes = kv_heads * d * es;
+    v8f kw[MAX_HEAD_SIZE / 8];
     for (int64_t t = 0; t < len; t++) {
         if (t + PREFETCH_AHEAD < len) prefetch_row(k_rows[t + PREFETCH_AHEAD], row_bytes);
         for (int64_t g = 0; g < kv_heads; g++) {
-            const v8f *k = (const v8f *)(k_rows[t] + g * d);
+            const char *kg = k_rows[t] + g * d * es;
+            const v8f *k = (const v8f *)kg;
+            if (dtype != DTYPE_F32) {
+                for (int64_t i = 0; i < nv; i++) kw[i] = load8_f32(kg + i * 8 * es, dtype);
+                k = kw;
+            }
             for (int64_t h = g * group; h < (g + 1) * group; h++) {
                 const v8f *qh = (const v8f *)(q + h * d);
                 v8f acc = splat(0.0f);
@@ -86,7 +93,12 @@ static inline __attribute__((always_inline)) void seq_attention(
     for (int64_t t = 0; t < len; t++) {
         if (t + PREFETCH_AHEAD < len) prefetch_row(v_rows[t + PREFETCH_AHEAD], row_bytes);
         for (int64_t g = 0; g < kv_heads; g++) {
-            const v8f *v = (const v8f *)(v_rows[t] + g * d);
+            const char *vg = v_rows[t] + g * d * es;
+            const v8f *v = (const v8f *)vg;
+            if (dtype != DTYPE_F32) {
+                for (int64_t i = 0; i < nv; i++) kw[i] = load8_f32(vg + i * 8 * es, dtype);
+                v = kw;
+            }
             for (int64_t h = g * group; h < (g + 1) * group; h++) {
                 const v8f w = splat(scores[h * padded + t]);
                 v8f *a = acc + h * nv;
@@ -97,22 +109,27 @@ static inline __attribute__((always_inline)) void seq_attention(
     for (int64_t i = 0; i < heads * nv; i++) ((v8f *)out)[i] = acc[i];
 }
 
+/* One copy of seq_attention per dtype, each unrolled for the common head sizes. */
+#define SEQ_ATTENTION_FOR(DT)                                                                   \
+    switch (d) {                                                                                \
+        case 64: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 64, DT); break;     \
+        case 128: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 128, DT); break;   \
+        default: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, d, DT); break;      \
+    }
+
 MULTIVERSION static void run_job(Job *j) {
     const int64_t d = j->head_size, heads = j->num_heads, max_len = j->max_seq_len;
     const int64_t row_len = j->num_kv_heads * d; /* elements of one cache slot */
-    const int f32 = j->dtype == DTYPE_F32;
-    const size_t esize = f32 ? 4 : 2;
-    /* Scratch: row pointers; every head's query, output accumulator and scores; for
-     * 16-bit caches also the sequence's K and V converted to float32. */
-    const size_t floats = (size_t)(2 * heads * d + heads * (max_len + 8)) + (f32 ? 0 : 2 * (size_t)(max_len * row_len));
-    void *mem = malloc(sizeof(float *) * 2 * (size_t)max_len + sizeof(float) * floats);
+    const size_t esize = (size_t)dtype_size(j->dtype);
+    /* Scratch: row pointers; every head's query, output accumulator and scores. */
+    const size_t floats = (size_t)(2 * heads * d + heads * (max_len + 8));
+    void *mem = malloc(sizeof(char *) * 2 * (size_t)max_len + sizeof(float) * floats);
     if (mem == NULL) {
         j->error = 1;
         return;
     }
-    const float **k_rows = (const float **)mem, **v_rows = k_rows + max_len;
+    const char **k_rows = (const char **)mem, **v_rows = k_rows + max_len;
     float *q = (float *)(v_rows + max_len), *acc = q + heads * d, *scores = acc + heads * d;
-    float *k_f32 = scores + heads * (max_len + 8), *v_f32 = k_f32 + max_len * row_len;
 
     for (int64_t s = j->begin; s < j->end; s++) {
         const int64_t len = j->seq_lens[s];
@@ -120,24 +137,13 @@ MULTIVERSION static void run_job(Job *j) {
         load_f32(q, (const char *)j->query + (size_t)(s * j->q_stride) * esize, heads * d, j->dtype);
         for (int64_t t = 0; t < len; t++) {
             const size_t slot = (size_t)(blocks[t / j->block_size] * j->block_size + t % j->block_size);
-            const char *k = (const char *)j->key_cache + slot * (size_t)row_len * esize;
-            const char *v = (const char *)j->value_cache + slot * (size_t)row_len * esize;
-            if (f32) {
-                k_rows[t] = (const float *)k;
-                v_rows[t] = (const float *)v;
-            } else {
-                load_f32(k_f32 + t * row_len, k, row_len, j->dtype);
-                load_f32(v_f32 + t * row_len, v, row_len, j->dtype);
-                k_rows[t] = k_f32 + t * row_len;
-                v_rows[t] = v_f32 + t * row_len;
-            }
+            k_rows[t] = (const char *)j->key_cache + slot * (size_t)row_len * esize;
+            v_rows[t] = (const char *)j->value_cache + slot * (size_t)row_len * esize;
         }
         float *out = j->out_f32 + s * heads * d;
-        switch (d) { /* constant head sizes unroll; any other size takes the generic loop */
-            case 64: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 64); break;
-            case 128: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, 128); break;
-            default: seq_attention(j, k_rows, v_rows, q, len, scores, acc, out, d); break;
-        }
+        if (j->dtype == DTYPE_F32) SEQ_ATTENTION_FOR(DTYPE_F32)
+        else if (j->dtype == DTYPE_BF16) SEQ_ATTENTION_FOR(DTYPE_BF16)
+        else SEQ_ATTENTION_FOR(DTYPE_F16)
     }
     free(mem);
 }
