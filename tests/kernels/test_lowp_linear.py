@@ -106,11 +106,21 @@ class _CountingC:
         return call
 
 
-@pytest.mark.parametrize("rows,takes_kernel", [(5, True), (linear_mod.LOWP_WIDEN_MIN_ROWS, False)])
-def test_linear_layers_take_the_kernel_where_torch_emulates(monkeypatch, rows, takes_kernel):
+@pytest.mark.parametrize(
+    "rows,takes_kernel,chunk",
+    [
+        (5, True, None),
+        (linear_mod.LOWP_WIDEN_MIN_ROWS, False, None),
+        (linear_mod.LOWP_WIDEN_MIN_ROWS, False, 7 * 96),  # widened 7 features at a time
+    ],
+)
+def test_linear_layers_take_the_kernel_where_torch_emulates(monkeypatch, rows, takes_kernel, chunk):
     # On such a CPU, few rows go through the kernel and many through torch's float32 GEMM
-    # on a widened weight; both give the float32 result rounded once, with the bias.
+    # on a widened weight (in blocks of output features for large weights); all give the
+    # float32 result rounded once, with the bias.
     monkeypatch.setattr(linear_mod, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
+    if chunk is not None:
+        monkeypatch.setattr(linear_mod, "LOWP_WIDEN_CHUNK", chunk)
     counting = _CountingC(ops._C)
     monkeypatch.setattr(ops, "_C", counting)
     layer = linear_mod.ReplicatedLinear(96, 40, bias=True, params_dtype=torch.bfloat16)
