@@ -120,7 +120,9 @@ AVX512_INLINE __m256 lane_sums8(const __m512 v[8]) {
 }
 
 /* out[j][i] = sum over the first nb blocks of k of x[i, k] * w[j, k]; xt is a tile of
- * the widened x (blocks of [MR16][bk]). */
+ * the widened x (blocks of [MR16][bk]). With ahead > 0 it also prefetches the rows
+ * `ahead` further down the weight (the next group) over the same k: a prefetch never
+ * faults, so past the weight's end it is only wasted. */
 AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_t *w,
                            int64_t ldw, int64_t nb, int64_t ahead, const int nr, const int dtype) {
     __m512 acc[MR16][NR16];
@@ -188,8 +190,9 @@ AVX512_INLINE void micro16(float out[NR16][MR16], const float *xt, const uint16_
     }
 }
 
-AVX512_TARGET static void micro16_any(float out[NR16][MR16], const float *xt, const uint16_t *w, int64_t ldw, int64_t nb, int64_t ahead, int nr,
-                                      int dtype) {
+AVX512_TARGET static void micro16_any(float out[NR16][MR16], const float *xt,
+                                      const uint16_t *w, int64_t ldw, int64_t nb, int64_t ahead,
+                                      int nr, int dtype) {
     if (dtype == DTYPE_BF16) {
         if (nr == 3) micro16(out, xt, w, ldw, nb, ahead, 3, DTYPE_BF16);
         else if (nr == 2) micro16(out, xt, w, ldw, nb, ahead, 2, DTYPE_BF16);
@@ -225,8 +228,8 @@ AVX512_TARGET static void narrow16(uint16_t h[3][8], float out[NR16][MR16], int 
 /* ---- Portable path (AVX2 clone where available): MR x NR = 4 x 2 of 8 floats ----- */
 enum { MR8 = 4, NR8 = 2 };
 
-MULTIVERSION static void micro8_any(float out[NR8][MR8], const float *xt, const uint16_t *w, int64_t ldw, int64_t nb, int nr,
-                                    int dtype) {
+MULTIVERSION static void micro8_any(float out[NR8][MR8], const float *xt, const uint16_t *w,
+                                    int64_t ldw, int64_t nb, int nr, int dtype) {
     v8f acc[MR8][NR8] = {{{0}}};
     for (int64_t b = 0; b < nb; b++) {
         v8f lo[NR8], hi[NR8];
@@ -274,7 +277,8 @@ static void gemm_columns(uint16_t *y, int64_t ldy, const float *xf, int64_t M, i
                     const int nr = g1 - n < nrmax ? (int)(g1 - n) : nrmax;
                     const uint16_t *wn = w + n * ldw;
 #if HAVE_AVX512_PATH
-                    if (wide) micro16_any(out, xm, wn, ldw, nb, m == m0 ? NG * NR16 : 0, nr, dtype);
+                    if (wide)
+                        micro16_any(out, xm, wn, ldw, nb, m == m0 ? NG * NR16 : 0, nr, dtype);
                     else
 #endif
                         micro8_any((float(*)[MR8])out, xm, wn, ldw, nb, nr, dtype);

@@ -42,13 +42,13 @@ static inline void prefetch_row(const char *row, int64_t bytes) {
 
 /*
  * One sequence, every head. k_rows/v_rows[t] point at token t's cache slot (all kv
- * heads, in the cache's dtype, widened to float32 as they are read); scores holds room for every head's max_seq_len rounded up to 8
- * (stride `padded`), acc for every head's output. Token-major: each slot's K and V are
- * read once, front to back, for all heads (a slot is num_kv_heads * d contiguous
- * floats, a block 16 such slots), and each kv head's part serves its group of query
- * heads from registers (a 16-bit kv head is widened once into `kw` for its group).
- * Inlined into a copy per dtype and common head size so the loops over head_size
- * unroll.
+ * heads, in the cache's dtype, widened to float32 as they are read); scores holds room
+ * for every head's max_seq_len rounded up to 8 (stride `padded`), acc for every head's
+ * output. Token-major: each slot's K and V are read once, front to back, for all heads
+ * (a slot is num_kv_heads * d contiguous values, a block 16 such slots), and each kv
+ * head's part serves its group of query heads from registers (a 16-bit kv head is
+ * widened once into `kw` for its group). Inlined into a copy per dtype and common head
+ * size so the loops over head_size unroll.
  */
 static inline __attribute__((always_inline)) void seq_attention(
     const Job *j, const char *const *k_rows, const char *const *v_rows, const float *q,

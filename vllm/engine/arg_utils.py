@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -42,13 +43,19 @@ def _log_cpu_lowp_gemm(dtype: torch.dtype) -> None:
             name,
         )
         return
+    if not ops.HAS_CPU_KERNELS:
+        alternative = "; or reinstall with a C compiler to build vllm._C"
+    elif os.environ.get("VLLM_CPU_LOWP_LINEAR") == "0":
+        alternative = "; or unset VLLM_CPU_LOWP_LINEAR=0"
+    else:  # no AVX-512: the kernel's portable path is there, but was not measured
+        alternative = "; or try VLLM_CPU_LOWP_LINEAR=1 (vllm._C's portable kernel)"
     logger.warning(
         "dtype=%s on a CPU without %s: torch emulates %s matrix multiplies, several times "
         "slower than float32. dtype='float32' runs faster here, at twice the weight memory%s.",
         name,
         flags,
         name,
-        "" if ops.HAS_CPU_KERNELS else "; or reinstall with a C compiler to build vllm._C",
+        alternative,
     )
 
 
