@@ -260,7 +260,16 @@ def argmax_logsumexp(
     maximum, NaN counting as the maximum, as ``torch.argmax``), its maximum ``m`` and
     ``log(sum(exp(row - m)))``: logsumexp is their sum, and
     ``log_softmax(row)[i] = (row[i] - m) - log_sum`` without rounding at large ``m``."""
-    op = "argmax_logsumexp"
+    return _argmax_rows(logits, "argmax_logsumexp", with_logsumexp=True)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(logits, dim=-1)`` of float32 logits [S, V] (the first maximum, NaN
+    counting as the maximum), without ``argmax_logsumexp``'s exp over each row."""
+    return _argmax_rows(logits, "argmax", with_logsumexp=False)[0]
+
+
+def _argmax_rows(logits: torch.Tensor, op: str, with_logsumexp: bool):
     _check(logits.dtype == torch.float32 and logits.dim() == 2, op, "needs float32 [S, V].")
     rows, stride = _rows(logits, op)
     ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
@@ -274,7 +283,7 @@ def argmax_logsumexp(
             stride,
             ids.data_ptr(),
             maxes.data_ptr(),
-            log_sums.data_ptr(),
+            log_sums.data_ptr() if with_logsumexp else 0,
             torch.get_num_threads(),
         )
     return ids, maxes, log_sums

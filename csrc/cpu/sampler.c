@@ -5,7 +5,8 @@
  *   log_softmax(row)[i] = (row[i] - m) - log_sum
  * without materialising it (and without the rounding of m + log_sum at large |m|).
  * logits: [rows, vocab] with row stride `stride` (elements); ids: [rows] int64;
- * maxes, log_sums: [rows] float32.
+ * maxes, log_sums: [rows] float32, log_sums NULL for the argmax alone (random sampling's
+ * exponential race needs no log-probabilities: it skips the exp over the row).
  */
 #include "cpu_types.h"
 
@@ -36,12 +37,14 @@ MULTIVERSION static void rows_argmax_lse(const float *logits, int64_t begin, int
         if (has_nan) {
             while (x[arg] == x[arg]) arg++;
             ids[r] = arg;
-            maxes[r] = log_sums[r] = NAN;
+            maxes[r] = NAN;
+            if (log_sums) log_sums[r] = NAN;
             continue;
         }
         while (arg < vocab - 1 && x[arg] != m) arg++;
         ids[r] = arg;
         maxes[r] = m;
+        if (!log_sums) continue;
         if (m == -INFINITY) { /* every logit -inf: nothing can be sampled */
             log_sums[r] = 0.0f;
             continue;
@@ -54,7 +57,7 @@ MULTIVERSION static void rows_argmax_lse(const float *logits, int64_t begin, int
     }
 }
 
-/* argmax_logsumexp(logits, rows, vocab, stride, ids, maxes, log_sums, num_threads) */
+/* argmax_logsumexp(logits, rows, vocab, stride, ids, maxes, log_sums_or_0, num_threads) */
 PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long logits, ids, maxes, log_sums;
@@ -74,7 +77,8 @@ PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args) {
         int64_t begin, end;
         thread_share(rows, &begin, &end);
         rows_argmax_lse((const float *)PTR(logits), begin, end, vocab,
-                        stride, (int64_t *)PTR(ids), (float *)PTR(maxes), (float *)PTR(log_sums));
+                        stride, (int64_t *)PTR(ids), (float *)PTR(maxes),
+                        log_sums ? (float *)PTR(log_sums) : NULL);
     }
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;

@@ -182,6 +182,7 @@ def test_argmax_logsumexp_matches_torch(vocab):
     logits[2, vocab - 1] = 0.0
     ids, maxes, log_sums = ops.argmax_logsumexp(logits)
     assert torch.equal(ids, logits.argmax(dim=-1))
+    assert torch.equal(ops.argmax(logits), ids)  # the argmax alone, no exp pass
     torch.testing.assert_close(maxes + log_sums, logits.logsumexp(dim=-1))
 
 
@@ -204,5 +205,6 @@ def test_argmax_logsumexp_edge_rows():
     ids, maxes, log_sums = ops.argmax_logsumexp(logits)
     lse = maxes + log_sums
     assert ids.tolist() == logits.argmax(dim=-1).tolist() == [7, 0, 0]
+    assert ops.argmax(logits).tolist() == [7, 0, 0]
     assert lse[0].isnan() and lse[1] == -float("inf")
     torch.testing.assert_close(lse[2], torch.tensor(20.0).log())

@@ -137,5 +137,5 @@ class Sampler(torch.nn.Module):
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax over the last dim; the C kernel is ~10x faster on the CPU."""
     if ops.use_cpu_kernels(x) and x.dtype == torch.float32 and x.dim() == 2:
-        return ops.argmax_logsumexp(x)[0]
+        return ops.argmax(x)
     return x.argmax(dim=-1)
