@@ -354,6 +354,8 @@ def lowp_linear(
         )
     ):
         _lowp_linear_error(x, weight, bias)
+    if x.shape[0] > 1 and x.stride(0) < k:  # rows that overlap (an expanded tensor)
+        x = x.contiguous()
     rows, stride = x.shape[0], x.stride(0)
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     _C.lowp_linear(

@@ -336,7 +336,7 @@ PyObject *vllm_lowp_linear(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KKKKLLLLLLii", &y, &x, &w, &bias, &M, &N, &K, &ldy, &ldx, &ldw,
                           &dtype, &num_threads))
         return NULL;
-    if (M < 0 || N <= 0 || K <= 0 || ldy < N || ldx < K || ldw < K ||
+    if (M < 0 || N <= 0 || K <= 0 || ldy < N || (M > 1 && ldx < K) || ldw < K ||
         (dtype != DTYPE_BF16 && dtype != DTYPE_F16)) {
         PyErr_SetString(PyExc_ValueError, "lowp_linear: invalid sizes or dtype");
         return NULL;

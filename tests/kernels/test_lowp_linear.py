@@ -49,6 +49,14 @@ def test_lowp_linear_matches_float32(dtype, m, n, k, bias):
     _check_against_float32(ops.lowp_linear(x, w, b), x, w, b)
 
 
+def test_lowp_linear_takes_overlapping_rows():
+    # An expanded input (row stride 0) and a single row of any stride.
+    w = torch.randn(16, 64).bfloat16()
+    b = torch.randn(16).bfloat16()
+    for x in (torch.randn(1, 64).bfloat16().expand(4, 64), torch.randn(64, 1).bfloat16().t()):
+        _check_against_float32(ops.lowp_linear(x, w, b), x, w, b)
+
+
 def test_portable_path_matches_float32():
     # VLLM_CPU_GEMM_AVX512=0 takes the portable (AVX2 or baseline) micro-kernel that CPUs
     # without AVX-512 run; it is read once per process, hence the subprocess.
