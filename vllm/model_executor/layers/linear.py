@@ -75,7 +75,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, "none", [], ""
         )
         return out.view(*x.shape[:-1], out.shape[-1])
-    if ops.HAS_CPU_KERNELS and x.is_cpu and _lowp_dtype(weight.dtype) and x.dtype == weight.dtype:
+    if (
+        ops.HAS_CPU_KERNELS
+        and x.is_cpu
+        and _lowp_dtype(weight.dtype)
+        and x.dtype == weight.dtype
+        and weight.stride(-1) == 1  # the kernel reads whole rows of the weight
+    ):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] >= LOWP_WIDEN_MIN_ROWS:
             out = _widened_linear(x2, weight, bias)
