@@ -141,3 +141,12 @@ def test_linear_layers_take_the_kernel_where_torch_emulates(monkeypatch, rows, t
     assert out.shape == (1, rows, 40)
     assert counting.calls == int(takes_kernel)
     _check_against_float32(out[0], x[0], layer.weight, layer.bias)
+
+
+def test_linear_leaves_weights_without_contiguous_rows_to_torch(monkeypatch):
+    # The kernel reads whole weight rows; a transposed view goes to F.linear instead of
+    # failing the kernel's check.
+    monkeypatch.setattr(linear_mod, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
+    w = torch.randn(64, 16).bfloat16().t()
+    x = torch.randn(3, 64).bfloat16()
+    torch.testing.assert_close(linear_mod.linear(x, w), F.linear(x, w))
