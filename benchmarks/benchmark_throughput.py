@@ -82,9 +82,11 @@ def linear_floors(model, n_prompt_tokens: int, workloads: dict[str, list[int]]) 
 
     The work every engine must do: one prefill over all prompt tokens (the LM head only
     for each prompt's last one), then one step per further token over the requests still
-    running. Each layer is timed as one matrix multiply per step, the fastest of a few
-    runs of torch's plain and oneDNN-packed paths. transformers' time divided by this
-    bounds the ratio any engine could reach here, before attention, norms and sampling.
+    running. Each layer is timed as one matrix multiply per step through this engine's
+    ``linear``, the fastest of a few runs on the plain and (float32) oneDNN-packed
+    weights; for 16-bit weights on a CPU without native 16-bit GEMMs ``linear`` takes
+    ``lowp_linear`` or a widened float32 copy. transformers' time divided by this bounds
+    the ratio any engine could reach here, before attention, norms and sampling.
     """
     from vllm.model_executor.layers.linear import linear, onednn_packing_enabled
 
