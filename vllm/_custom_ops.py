@@ -274,7 +274,9 @@ def _argmax_rows(logits: torch.Tensor, op: str, with_logsumexp: bool):
     rows, stride = _rows(logits, op)
     ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
     maxes = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    log_sums = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    log_sums = (
+        torch.empty(rows, dtype=torch.float32, device=logits.device) if with_logsumexp else None
+    )
     if rows:
         _C.argmax_logsumexp(
             logits.data_ptr(),
@@ -283,7 +285,7 @@ def _argmax_rows(logits: torch.Tensor, op: str, with_logsumexp: bool):
             stride,
             ids.data_ptr(),
             maxes.data_ptr(),
-            log_sums.data_ptr() if with_logsumexp else 0,
+            0 if log_sums is None else log_sums.data_ptr(),
             torch.get_num_threads(),
         )
     return ids, maxes, log_sums

@@ -77,10 +77,10 @@ static void widen_rows(float *xf, const uint16_t *x, int64_t ldx, int64_t m0, in
                     dst[half + i] = bf16_to_f32(src[2 * i + 1]);
                 }
             else
-                for (int64_t i = 0; i < bk; i++) dst[i] = f16_to_f32(src[i]);
+                load_f32(dst, src, bk, DTYPE_F16);
         }
         float *dst = tile + kfull * mr + r * tail;
-        for (int64_t k = 0; k < tail; k++) dst[k] = widen_any(xr[kfull + k], dtype);
+        load_f32(dst, xr + kfull, tail, dtype);
     }
 }
 
@@ -241,9 +241,7 @@ MULTIVERSION static void micro8_any(float out[NR8][MR8], const float *xt, const 
                 lo[j] = (v8f)(wi << 16);
                 hi[j] = (v8f)(wi & 0xffff0000u);
             } else {
-                v8h wh;
-                memcpy(&wh, w + jj * ldw + b * 8, sizeof wh);
-                lo[j] = __builtin_convertvector(wh, v8f);
+                lo[j] = load8_f32(w + jj * ldw + b * 8, DTYPE_F16);
             }
         }
         for (int i = 0; i < MR8; i++) {
@@ -312,6 +310,8 @@ static void gemm_columns(uint16_t *y, int64_t ldy, const float *xf, int64_t M, i
     }
 }
 
+/* Whether this CPU runs the AVX-512 micro-kernel; VLLM_CPU_GEMM_AVX512=0 forces the
+ * portable one (read once per process; the tests use it to check that path here). */
 static int use_avx512(void) {
 #if HAVE_AVX512_PATH
     static int cached = -1;
