@@ -22,6 +22,8 @@ downloaded), saves it sharded at each tensor-parallel size, and prints:
    ``sharded_state`` our sharded loader (bfloat16 on the CPU: the files are mapped),
    ``mmap=0`` the same reading the files with threads, ``verify`` reading and checking
    every file's CRC-32.
+   With ``--num-tensors``, a further table puts the two checkpoints side by side: each
+   method's cost per extra tensor in microseconds (0 would be flat with tensor count).
 3. start-up: ``LLM(...)`` to ready for a ~135M-parameter bfloat16 Llama at TP 1 and 2,
    with the engine's breakdown (imports, config, tokenizer, worker processes, weights,
    KV cache).
@@ -336,11 +338,11 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
 
     out = {"bytes": nbytes}
     # The first write of a process pays for growing the page cache: an untimed one first;
-    # then every method twice, in turn (the table takes the faster of the two).
+    # then every method SAVE_REPEATS times, in turn (the table takes the fastest).
     steps = [("raw", raw), ("write_file", plain), ("write_file+crc", with_crc),
              ("save_sharded_state", save)]  # fmt: skip
     _timed(dist, raw)
-    for name, fn in steps + steps:
+    for name, fn in steps * SAVE_REPEATS:
         out.setdefault(name, []).append(_timed(dist, fn))
         for f in glob.glob(os.path.join(scratch, "*")):
             os.remove(f)
@@ -366,6 +368,8 @@ TASKS = {"raw": task_raw, "loop": task_loop, "loader": task_loader, "save": task
 
 
 # ---- the tables ---------------------------------------------------------------------------
+
+SAVE_REPEATS = 3  # save measurements per method; the table takes the fastest
 
 METHODS = [  # (label, task, extra spec, which directory)
     ("raw", "raw", {}, "sharded"),
@@ -439,6 +443,27 @@ def print_load_table(rows: list, total: dict[str, int]) -> None:
               f"| {rss}")  # fmt: skip
 
 
+def print_tensor_cost(rows: list, counts: dict[str, int], total: dict[str, int]) -> None:
+    """What each extra tensor costs a load (warm runs): many-small's seconds less
+    few-large's scaled to many-small's bytes (the two are built to about the same size),
+    over the difference in tensor count."""
+    warm = {(r["ckpt"], r["tp"], r["method"]): r["seconds"] for r in rows if not r["cold"]}
+    extra = counts["many-small"] - counts["few-large"]
+    scale = total["many-small"] / total["few-large"]
+    print(
+        f"\nPer-tensor cost (warm; {counts['few-large']} against {counts['many-small']} "
+        f"tensors; us/tensor = (many-small s - few-large s x {scale:.3f} bytes) / {extra})"
+    )
+    head = f"{'TP':>2} {'method':<21} | {'few-large s':>11} {'many-small s':>12} | {'us/tensor':>9}"
+    print(head + "\n" + "-" * len(head))
+    for (ckpt, tp, method), few in warm.items():
+        many = warm.get(("many-small", tp, method))
+        if ckpt != "few-large" or many is None or method.startswith("raw"):
+            continue
+        per_tensor = (many - few * scale) / extra * 1e6
+        print(f"{tp:>2} {method:<21} | {few:>11.2f} {many:>12.2f} | {per_tensor:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -481,14 +506,15 @@ def main() -> None:
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        load_rows, save_rows, total = [], [], {}
+        load_rows, save_rows, total, tensor_counts = [], [], {}, {}
         for label, shape in shapes.items():
             hf = os.path.join(tmp, f"{label}-hf")
             build_checkpoint(hf, shape)
             total[label] = sum(os.path.getsize(f) for f in weight_files(hf))
+            tensor_counts[label] = 9 * shape["layers"] + 3
             print(
                 f"{label}: Llama hidden {shape['hidden']}, {shape['layers']} layers, "
-                f"{9 * shape['layers'] + 3} tensors, {total[label] / 1e9:.2f} GB bfloat16"
+                f"{tensor_counts[label]} tensors, {total[label] / 1e9:.2f} GB bfloat16"
             )
             sharded = {}
             for tp in args.tp:
@@ -506,7 +532,7 @@ def main() -> None:
 
         print(
             "\nSave (each rank writes its own state; GB/s over all ranks; fsync included; "
-            "the faster of two runs)"
+            f"the fastest of {SAVE_REPEATS} runs)"
         )
         head = (f"{'checkpoint':<12} {'TP':>2} | {'raw write':>14} | {'write_file':>14} | "
                 f"{'+CRC-32':>14} {'CRC cost':>8} | {'save_sharded_state':>19}")  # fmt: skip
@@ -514,7 +540,7 @@ def main() -> None:
         for label, tp, res in save_rows:
             gb = sum(r["bytes"] for r in res) / 1e9
             keys = ("raw", "write_file", "write_file+crc", "save_sharded_state")
-            s = {k: min(span([r[k][i] for r in res]) for i in range(2)) for k in keys}
+            s = {k: min(span([r[k][i] for r in res]) for i in range(SAVE_REPEATS)) for k in keys}
             cells = [f"{gb / s[k]:>5.2f} GB/s {s['raw'] / s[k]:>4.2f}x" for k in keys]
             crc_cost = s["write_file+crc"] / s["write_file"] - 1
             print(f"{label:<12} {tp:>2} | {cells[0]:>14} | {cells[1]} | {cells[2]} "
@@ -527,6 +553,8 @@ def main() -> None:
             "parameter bytes)"
         )
         print_load_table(load_rows, total)
+        if len(tensor_counts) == 2:
+            print_tensor_cost(load_rows, tensor_counts, total)
 
         if not args.no_startup:
             startup_table(tmp, [tp for tp in args.tp if tp <= 2])
