@@ -11,11 +11,14 @@ import os
 import zlib
 
 import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tests.sharded_state import worker_fns
 from tests.sharded_state.common import ARCHS, greedy, make_llm, shutdown
 from tests.utils import random_prompts
 from vllm.entrypoints.save_sharded_state import copy_metadata_files
+from vllm.model_executor.model_loader.safetensors_io import PAGE_SIZE, read_header_json
 
 
 def mapped_shards(worker) -> list[str]:
@@ -23,6 +26,26 @@ def mapped_shards(worker) -> list[str]:
     with open("/proc/self/maps") as f:
         paths = {line.split()[-1] for line in f if ".safetensors" in line}
     return sorted(os.path.basename(p) for p in paths)
+
+
+def shard_mappings(worker) -> list[tuple[str, int, bool]]:
+    """(file, file offset, holds every parameter) per mapping of a shard file."""
+    out = []
+    ptrs = [p.data_ptr() for p in worker.model.parameters()]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if ".safetensors" in line:
+                span, _, offset, *_, path = line.split()
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                inside = all(lo <= p < hi for p in ptrs)
+                out.append((os.path.basename(path), int(offset, 16), inside))
+    return out
+
+
+def replace_first_param(worker) -> None:
+    """Give a parameter new memory, outside the model's weight block."""
+    param = next(worker.model.parameters())
+    param.data = param.data.clone() + 1
 
 
 def bump_first_param(worker) -> None:
@@ -51,6 +74,67 @@ def test_bf16_load_maps_files_and_matches(saved):
     assert llm.collective_rpc(mapped_shards) == [["model-rank-0-part-0.safetensors"]]
     assert llm.collective_rpc(worker_fns.state_digest) == digest
     assert greedy(llm, prompts) == tokens
+    shutdown(llm)
+
+
+def test_bf16_load_maps_the_data_in_one_piece_over_the_weights(saved):
+    """The file's data (after its page-aligned header) replaces the model's weight block
+    in one mapping, which holds every parameter."""
+    _, out, prompts, tokens, digest = saved
+    path = os.path.join(out, "model-rank-0-part-0.safetensors")
+    _, data_start, _ = read_header_json(path)
+    assert data_start % PAGE_SIZE == 0
+    llm = make_llm(out, dtype="bfloat16", load_format="sharded_state")
+    assert llm.collective_rpc(shard_mappings) == [
+        [("model-rank-0-part-0.safetensors", data_start, True)]
+    ]
+    assert llm.collective_rpc(worker_fns.state_digest) == digest
+    assert greedy(llm, prompts) == tokens
+    shutdown(llm)
+
+
+@pytest.mark.parametrize("layout", ["upstream", "parts"])
+def test_other_layouts_map_per_tensor_and_match(saved, tmp_path, layout):
+    """Files not laid out as the model's block (upstream's save, several parts per rank)
+    still map, tensor by tensor, and load the same model."""
+    src, out, prompts, tokens, digest = saved
+    other = str(tmp_path / layout)
+    if layout == "upstream":  # safetensors' own writer, no manifest
+        os.makedirs(other)
+        name = "model-rank-0-part-0.safetensors"
+        with safe_open(os.path.join(out, name), framework="pt") as f:
+            save_file({k: f.get_tensor(k) for k in f.keys()}, os.path.join(other, name))
+    else:
+        llm = make_llm(out, dtype="bfloat16", load_format="sharded_state")
+        llm.save_sharded_state(other, max_size=200_000)
+        shutdown(llm)
+    copy_metadata_files(src, other)
+    names = sorted(n for n in os.listdir(other) if n.endswith(".safetensors"))
+    assert len(names) == (1 if layout == "upstream" else 3)
+    llm = make_llm(other, dtype="bfloat16", load_format="sharded_state")
+    mappings = llm.collective_rpc(shard_mappings)[0]
+    assert sorted(name for name, offset, _ in mappings) == names
+    assert all(offset == 0 for _, offset, _ in mappings)  # whole files, not one block
+    assert llm.collective_rpc(worker_fns.state_digest) == digest
+    assert greedy(llm, prompts) == tokens
+    shutdown(llm)
+
+
+def test_a_parameter_given_new_memory_is_saved_and_loaded(saved, tmp_path):
+    """A parameter moved out of the block is saved from where it is now; the file is still
+    laid out as a fresh model's block and maps in one piece."""
+    src, out, *_ = saved
+    again = str(tmp_path / "again")
+    llm = make_llm(out, dtype="bfloat16", load_format="sharded_state")
+    llm.collective_rpc(replace_first_param)
+    digest = llm.collective_rpc(worker_fns.state_digest)
+    llm.save_sharded_state(again)
+    shutdown(llm)
+    copy_metadata_files(src, again)
+    llm = make_llm(again, dtype="bfloat16", load_format="sharded_state")
+    assert llm.collective_rpc(worker_fns.state_digest) == digest
+    [[(_, offset, inside)]] = llm.collective_rpc(shard_mappings)
+    assert offset > 0 and inside
     shutdown(llm)
 
 

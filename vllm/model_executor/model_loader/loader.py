@@ -11,8 +11,13 @@ from torch import nn
 
 from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
+from vllm.model_executor.layers.linear import onednn_packing_enabled
 from vllm.model_executor.model_loader.safetensors_io import ReadStats
-from vllm.model_executor.model_loader.state_dict_utils import record_initial_state
+from vllm.model_executor.model_loader.state_dict_utils import (
+    filter_subtensors,
+    record_initial_state,
+)
+from vllm.model_executor.model_loader.weight_region import build_region
 from vllm.model_executor.model_loader.weight_utils import (
     find_weight_files,
     pt_weights_iterator,
@@ -35,13 +40,25 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
-    """Construct the model with uninitialised parameters directly in the target dtype/device."""
+    """Construct the model with uninitialised parameters directly in the target dtype/device.
+
+    On the CPU, unless linear weights are repacked after loading (``pack_linear_weight``),
+    the state tensors are then moved into one block laid out as a sharded-state file
+    (``weight_region``), which such a file is mapped over in one piece.
+    """
     model_cls = ModelRegistry.resolve_model_cls(model_config.architecture)
+    device = torch.device(device)
     # gc_paused: a model of thousands of modules triggers full collections as it grows,
     # ~40% of the construction time of a 12k-tensor model in a fresh process.
-    with gc_paused(), _default_dtype(model_config.dtype), torch.device(device):
-        model = model_cls(model_config.hf_config).eval()
-        record_initial_state(model)  # what save_sharded_state must write for it to load
+    with gc_paused():
+        with _default_dtype(model_config.dtype), device:
+            model = model_cls(model_config.hf_config).eval()
+        # Out of the device context, whose mode intercepts every torch call.
+        state = filter_subtensors(model.state_dict(keep_vars=True))
+        record_initial_state(model, state)  # what save_sharded_state must write for it to load
+        if device.type == "cpu" and not onednn_packing_enabled(model_config.dtype, device):
+            # Repacked weights would keep their loaded pages in the block alive.
+            build_region(model, state)
     return model
 
 

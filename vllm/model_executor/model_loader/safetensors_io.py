@@ -57,6 +57,8 @@ IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
 # ones gathered (one task per tensor cost 2-3x the whole load for 11k small tensors),
 # adjacent small ones into one preadv.
 _TASK_BYTES = 16 << 20
+# Written files' data starts at a multiple of this (the header is padded with spaces).
+PAGE_SIZE = mmap.PAGESIZE
 
 
 class ShardFileError(ValueError):
@@ -84,8 +86,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def read_header(path: str) -> FileHeader:
-    """Parse and check a safetensors header; raises ShardFileError naming ``path``."""
+def read_header_json(path: str) -> tuple[dict, int, int]:
+    """A safetensors file's header as parsed JSON, with its data start (8 + header length)
+    and the file's size; raises ShardFileError naming ``path``. Only the JSON is checked."""
+    raw, data_start, size = read_header_bytes(path)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except ValueError as e:
+        raise ShardFileError(f"{path} has a corrupt safetensors header ({e}).") from e
+    return header, data_start, size
+
+
+def read_header_bytes(path: str) -> tuple[bytes, int, int]:
+    """A safetensors file's header (its JSON text with the padding), its data start and
+    the file's size; raises ShardFileError naming ``path``."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -103,13 +119,14 @@ def read_header(path: str) -> FileHeader:
             raw = f.read(n)
     except OSError as e:
         raise ShardFileError(f"Cannot read shard file {path}: {e}") from e
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-    except ValueError as e:
-        raise ShardFileError(f"{path} has a corrupt safetensors header ({e}).") from e
-    data_start = 8 + n
+    if len(raw) < n:
+        raise ShardFileError(f"{path} is truncated: it ends inside its header.")
+    return raw, 8 + n, size
+
+
+def read_header(path: str) -> FileHeader:
+    """Parse and check a safetensors header; raises ShardFileError naming ``path``."""
+    header, data_start, size = read_header_json(path)
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -137,6 +154,31 @@ def read_header(path: str) -> FileHeader:
             f"{path} is {what}: its header describes {data_end} bytes, the file has {size}."
         )
     return FileHeader(path, data_start, size, tuple(entries))
+
+
+def plan_layout(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, dict], int]:
+    """Where ``write_file`` puts each tensor: (the tensors in file order, the header
+    entries without ``__metadata__``, the data bytes).
+
+    Tensors are laid out by element size, largest first (stable), so every tensor is
+    aligned to its element size with no gap between tensors (safetensors allows none).
+    """
+    items = sorted(tensors, key=lambda kv: -kv[1].element_size())
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, t in items:
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"Cannot save {name!r}: dtype {t.dtype} has no safetensors code.")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": DTYPE_CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    return items, header, offset
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -186,13 +228,53 @@ def _crc32_many(views: list[memoryview], crc: int) -> int:
     return crc
 
 
-def _write_groups(items: list[tuple[str, torch.Tensor]]) -> Iterator[list[memoryview]]:
-    """The tensors' bytes in file order, as groups of about _WRITE_CHUNK bytes (at most
-    IOV_MAX buffers): one writev each, however small the tensors are."""
+def header_json(header: dict[str, dict], metadata: dict[str, str] | None = None) -> bytes:
+    """The JSON text ``write_file`` writes for ``header`` (``plan_layout``'s entries),
+    before its padding."""
+    return json.dumps(
+        {**header, "__metadata__": {"format": "pt", **(metadata or {})}}, separators=(",", ":")
+    ).encode()
+
+
+def _runs(items: list[tuple[str, torch.Tensor]]) -> Iterator[memoryview]:
+    """The tensors' bytes in file order, tensors adjacent in one CPU storage merged into
+    one view: a model laid out as the file is (``weight_region``) is a single view."""
+    run: torch.Tensor | None = None  # a plain tensor's storage, from ``start`` on
+    start = end = 0
+    for _, t in items:
+        plain = t.device.type == "cpu" and not t.is_mkldnn and t.is_contiguous()
+        if plain and run is not None and t.data_ptr() == end:
+            storage = t.untyped_storage()
+            if storage.data_ptr() == run.untyped_storage().data_ptr():
+                end += t.numel() * t.element_size()
+                continue
+        if run is not None:
+            yield _storage_bytes(run, start, end)
+            run = None
+        if plain:
+            run, start = t, t.data_ptr()
+            end = start + t.numel() * t.element_size()
+        else:
+            yield _as_bytes(t)
+    if run is not None:
+        yield _storage_bytes(run, start, end)
+
+
+def _storage_bytes(t: torch.Tensor, start: int, end: int) -> memoryview:
+    """Bytes [start, end) (addresses) of ``t``'s storage."""
+    storage = t.untyped_storage()
+    flat = torch.empty(0, dtype=torch.uint8).set_(
+        storage, start - storage.data_ptr(), (end - start,)
+    )
+    return memoryview(flat.numpy())
+
+
+def _write_groups(views: Iterable[memoryview]) -> Iterator[list[memoryview]]:
+    """``views`` as groups of about _WRITE_CHUNK bytes (at most IOV_MAX buffers): one
+    writev each, however small the pieces are."""
     group: list[memoryview] = []
     size = 0
-    for _, t in items:
-        data = _as_bytes(t)
+    for data in views:
         for start in range(0, len(data), _WRITE_CHUNK):
             piece = data[start : start + _WRITE_CHUNK]
             group.append(piece)
@@ -213,43 +295,44 @@ def write_file(
     """Write ``tensors`` as a safetensors file; returns (size in bytes, CRC-32 of the file,
     or None without ``checksum``).
 
-    Tensors are laid out by element size, largest first, so every tensor is aligned to
-    its element size (the header is padded to 8 bytes): mmap-based readers need that.
-    Each tensor's bytes go to the file in large writes while another thread computes the
-    CRC-32 of the same bytes (zlib-ng's SIMD crc32, ~10 GB/s; both release the GIL), so
-    the checksum costs little time.
+    Tensors are laid out by ``plan_layout``; tensors adjacent in memory are written as
+    one piece (see ``write_raw``).
     """
-    items = sorted(tensors, key=lambda kv: -kv[1].element_size())  # stable: keeps order
-    header: dict[str, dict] = {}
-    offset = 0
-    for name, t in items:
-        if t.dtype not in DTYPE_CODES:
-            raise TypeError(f"Cannot save {name!r}: dtype {t.dtype} has no safetensors code.")
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": DTYPE_CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    prefix = struct.pack("<Q", len(raw)) + raw
+    items, header, _ = plan_layout(tensors)
+    return write_raw(path, header_json(header, metadata), _runs(items), checksum)
+
+
+def write_raw(
+    path: str, header: bytes, data: Iterable[memoryview], checksum: bool = True
+) -> tuple[int, int | None]:
+    """Write a safetensors file from its header's JSON text (``header_json``) and its data
+    bytes in order; returns (size in bytes, CRC-32 of the file, or None).
+
+    The header is padded with spaces so the data starts at a multiple of ``PAGE_SIZE``:
+    every tensor is aligned to its element size (mmap-based readers need that), and the
+    data can be mapped in one piece over memory laid out the same way
+    (``weight_region``). The bytes go to the file in large writes while another thread
+    computes the CRC-32 of the same bytes (zlib-ng's SIMD crc32, ~10 GB/s; both release
+    the GIL), so the checksum costs little time.
+    """
+    header += b" " * (-(8 + len(header)) % PAGE_SIZE)
+    prefix = struct.pack("<Q", len(header)) + header
     crc = zlib_ng.crc32(prefix) if checksum else None
+    size = len(prefix)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         _writev_fully(fd, [memoryview(prefix)])
         with ThreadPoolExecutor(1, thread_name_prefix="crc32") as hasher:
-            for group in _write_groups(items):
+            for group in _write_groups(data):
                 pending = hasher.submit(_crc32_many, group, crc) if checksum else None
                 _writev_fully(fd, group)
+                size += sum(len(v) for v in group)
                 if pending is not None:
                     crc = pending.result()
         os.fsync(fd)
     finally:
         os.close(fd)
-    return len(prefix) + offset, crc
+    return size, crc
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module

@@ -32,6 +32,7 @@ from vllm.model_executor.model_loader.safetensors_io import (
     dtype_name,
     map_file,
     read_header,
+    read_header_bytes,
 )
 from vllm.model_executor.model_loader.sharded_state_format import (
     DEFAULT_PATTERN,
@@ -46,6 +47,7 @@ from vllm.model_executor.model_loader.sharded_state_format import (
 )
 from vllm.model_executor.model_loader.sharded_state_saver import save_sharded_state
 from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors, storage_id
+from vllm.model_executor.model_loader.weight_region import WeightRegion, get_region
 from vllm.utils import gc_paused
 
 __all__ = ["DEFAULT_PATTERN", "MANIFEST_NAME", "ShardedStateLoader"]
@@ -122,6 +124,18 @@ class ShardedStateLoader(BaseModelLoader):
         start = time.perf_counter()
         rank = get_tensor_model_parallel_rank()
         files = self._rank_files(vllm_config, vllm_config.model_config.model, rank)
+        use_mmap = self._use_mmap(vllm_config)
+        region = get_region(model)
+        if use_mmap and region is not None and len(files) == 1:
+            # The file laid out as the model's block (saved by this build from a model
+            # of the same layout): one mapping replaces every tensor, no work per tensor.
+            path = files[0][0]
+            raw_header, data_start, size = read_header_bytes(path)
+            if region.matches(raw_header, data_start, size) and region.intact():
+                with torch.no_grad():
+                    region.map_file(path, data_start)
+                log_weights_loaded(start, data_start + region.nbytes)
+                return
         state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
         targets = self._filter_subtensors(state)
         headers = [read_header(path) for path, _ in files]
@@ -131,8 +145,8 @@ class ShardedStateLoader(BaseModelLoader):
             logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
         nbytes = sum(h.data_start for h in headers)
         with torch.no_grad():
-            if self._use_mmap(vllm_config):
-                nbytes += _map_files(headers, targets, state)
+            if use_mmap:
+                nbytes += _map_files(headers, targets, state, region)
             nbytes += ParallelReader().read(headers, targets, crcs)
         log_weights_loaded(start, nbytes)
 
@@ -277,7 +291,10 @@ def _check_headers(
 
 
 def _map_files(
-    headers: list[FileHeader], targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+    headers: list[FileHeader],
+    targets: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    region: WeightRegion | None,
 ) -> int:
     """Point every CPU tensor of ``targets`` that owns its memory alone at the mapped file
     (``map_file``) and drop it from ``targets``; returns the bytes mapped. The rest (a
@@ -287,6 +304,11 @@ def _map_files(
         if not t.is_mkldnn:
             owners.setdefault(storage_id(t), set()).add(id(t))
     shared = {i for ids in owners.values() if len(ids) > 1 for i in ids}
+    if region is not None and region.intact():
+        # The block's own tensors share its storage but not a byte: each may move alone.
+        ids = owners.get(storage_id(region.base), set())
+        if ids == {id(t) for t in region.tensors}:
+            shared -= ids
     nbytes = 0
     for header in headers:
         for name, mapped in map_file(header).items():

@@ -27,9 +27,11 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import sharded_state_dir
 from vllm.model_executor.model_loader.loader import _default_dtype, initialize_model
 from vllm.model_executor.model_loader.safetensors_io import (
+    DTYPES,
     ShardFileError,
     dtype_name,
-    read_header,
+    read_header_bytes,
+    read_header_json,
     write_file,
 )
 from vllm.model_executor.model_loader.sharded_state_format import (
@@ -47,6 +49,7 @@ from vllm.model_executor.model_loader.state_dict_utils import (
     filter_subtensors,
     state_schema,
 )
+from vllm.model_executor.model_loader.weight_region import WeightRegion, get_region
 from vllm.model_executor.utils import get_shard_dim
 from vllm.utils import gc_paused
 
@@ -205,14 +208,13 @@ def _manifest_json(manifest: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def _tensor_schema(model: nn.Module, state: dict[str, torch.Tensor], world: int) -> dict:
-    """Per tensor: dtype, local shape, and (from the parameter's layer) shard dim and the
-    global shape, i.e. every rank's slice concatenated along the shard dim."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict:
+    """Per tensor of ``state`` (the parameters and buffers themselves): dtype, local shape,
+    and (from the parameter's layer) shard dim and the global shape, i.e. every rank's
+    slice concatenated along the shard dim."""
     schema = {}
     for name, t in state.items():
-        param = params.get(name)
-        dim = get_shard_dim(param) if param is not None else None
+        dim = get_shard_dim(t)
         local = list(t.shape)
         global_shape = list(local)
         if dim is not None:
@@ -257,32 +259,53 @@ def _save_rank(
     vllm_config: VllmConfig | None,
 ) -> dict[str, Any]:
     """Write this rank's files into ``tmp`` and check they hold what loading asks for."""
-    # Weights packed for the CPU (mkldnn) stay packed here: write_file turns each back
-    # into a plain tensor just before writing it, so no dense copy of the model is held.
-    state = filter_subtensors(model.state_dict())
-    files: dict[str, dict[str, Any]] = {}
+    region = get_region(model)
+    if region is not None and region.intact():
+        state = region.state()  # what the model was built with, laid out as the file
+        if max_size is None or region.nbytes <= max_size:
+            # One file, the region's memory in one piece, mappable over it when loading.
+            name = pattern.format(rank=rank, part=0)
+            size, crc = region.write(os.path.join(tmp, name))
+            files = {name: _file_info(rank, 0, size, crc, list(state))}
+            _check_region_file(region, os.path.join(tmp, name), size)
+            return {"files": files, "tensors": _tensor_schema(state, world)}
+    else:
+        # Weights packed for the CPU (mkldnn) stay packed here: write_file turns each back
+        # into a plain tensor just before writing it, so no dense copy is held.
+        state = filter_subtensors(model.state_dict(keep_vars=True))
+    files = {}
     for part, items in enumerate(_split_parts(state, max_size)):
         name = pattern.format(rank=rank, part=part)
         size, crc = write_file(os.path.join(tmp, name), items)
-        files[name] = {
-            "rank": rank,
-            "part": part,
-            "size": size,
-            "crc32": f"{crc:08x}",
-            "tensors": [key for key, _ in items],
-        }
+        files[name] = _file_info(rank, part, size, crc, [key for key, _ in items])
     _check_loadable(_expected_state(model, vllm_config), tmp, files, rank)
-    return {"files": files, "tensors": _tensor_schema(model, state, world)}
+    return {"files": files, "tensors": _tensor_schema(state, world)}
+
+
+def _file_info(rank: int, part: int, size: int, crc: int | None, tensors: list[str]) -> dict:
+    return {"rank": rank, "part": part, "size": size, "crc32": f"{crc:08x}", "tensors": tensors}
+
+
+def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
+    """Fail unless the file written from ``region`` reads back as its layout. The region
+    holds exactly the tensors the model was built with, which loading asks for."""
+    raw, data_start, on_disk = read_header_bytes(path)
+    if on_disk != size or not region.matches(raw, data_start, on_disk):
+        raise ShardFileError(
+            f"{path} does not read back as written ({on_disk} bytes on disk, {size} written)."
+        )
 
 
 def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int) -> None:
     """Fail unless the written files hold exactly the tensors loading will ask for."""
     written: dict[str, tuple] = {}
     for name, info in files.items():
-        header = read_header(os.path.join(tmp, name))
-        if header.size != info["size"]:
-            raise ShardFileError(f"{header.path} is {header.size} bytes, {info['size']} written.")
-        written.update({e.name: (e.shape, e.dtype) for e in header.tensors})
+        path = os.path.join(tmp, name)
+        header, _, size = read_header_json(path)
+        if size != info["size"]:
+            raise ShardFileError(f"{path} is {size} bytes, {info['size']} written.")
+        header.pop("__metadata__", None)
+        written.update((k, (tuple(v["shape"]), DTYPES[v["dtype"]])) for k, v in header.items())
     problems = []
     missing = [k for k in expected if k not in written]
     unexpected = [k for k in written if k not in expected]

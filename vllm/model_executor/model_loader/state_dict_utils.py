@@ -85,13 +85,17 @@ def _uncovered(members: list[tuple[str, torch.Tensor]]) -> list[str]:
     return kept
 
 
-def state_schema(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, dtype) of every distinct tensor of ``model.state_dict()``."""
-    state = filter_subtensors(model.state_dict())
+def state_schema(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every distinct tensor of ``model.state_dict()`` (``state``: its
+    ``filter_subtensors``, where the caller has it)."""
+    if state is None:
+        state = filter_subtensors(model.state_dict())
     return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
 
 
-def record_initial_state(model: nn.Module) -> None:
+def record_initial_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> None:
     """Remember what the freshly built ``model`` holds: a sharded-state load of this model
     asks for exactly that, so ``save_sharded_state`` checks its files against it."""
-    object.__setattr__(model, INITIAL_STATE_ATTR, state_schema(model))
+    object.__setattr__(model, INITIAL_STATE_ATTR, state_schema(model, state))

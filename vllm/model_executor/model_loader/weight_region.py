@@ -1,0 +1,130 @@
+"""A rank's weights as views of one page-aligned block of memory, laid out as its file.
+
+``initialize_model`` builds a CPU model's state tensors (parameters and persistent
+buffers) as views of one anonymous mapping, in the order ``write_file`` stores them. A
+sharded-state file saved from such a model holds the same bytes in the same order, its
+data starting at a page boundary. Loading it is then one ``mmap(MAP_FIXED|MAP_PRIVATE)``
+of the file over the block: every tensor reads the file's pages at once, with no work
+per tensor, so a checkpoint of 10k small tensors maps as fast as one of 100 large ones.
+Pages are shared with the page cache and copied on write, like ``map_file``. Saving is
+one write of the block.
+
+Parameters' initial values are not kept (every loader fills every parameter); buffers'
+are. A file of another layout (upstream's, several parts per rank) or a model whose
+tensors were given other memory after it was built takes the per-tensor paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+
+import torch
+from torch import nn
+
+from vllm.model_executor.model_loader.safetensors_io import (
+    _MADV_POPULATE_READ,
+    PAGE_SIZE,
+    _contiguous_strides,
+    header_json,
+    open_for_read,
+    plan_layout,
+    write_raw,
+)
+
+# Attribute set on a model by ``build_region``.
+REGION_ATTR = "_weight_region"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10  # Linux; not in Python 3.11's mmap module
+
+
+class WeightRegion:
+    """State tensors moved into one page-aligned anonymous mapping, in file order."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        """``state``: the distinct tensors to hold (``filter_subtensors`` of
+        ``state_dict(keep_vars=True)``), all on the CPU. Buffers keep their values;
+        parameters are uninitialised, their bytes are not copied."""
+        items, header, self.nbytes = plan_layout(state.items())
+        self.header_json = header_json(header)  # what a file of this layout starts with
+        self._memory = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE)
+        self.base = torch.frombuffer(self._memory, dtype=torch.uint8)
+        self.address = self.base.data_ptr()
+        self.names = [name for name, _ in items]
+        self.tensors = [t for _, t in items]
+        offsets = [header[name]["data_offsets"][0] for name in self.names]
+        self._addresses = [self.address + offset for offset in offsets]
+        typed: dict[torch.dtype, torch.Tensor] = {}  # the block as each dtype it holds
+        for t, offset in zip(self.tensors, offsets):
+            if t.dtype not in typed:
+                usable = len(self.base) - len(self.base) % t.element_size()
+                typed[t.dtype] = self.base[:usable].view(t.dtype)
+            view = typed[t.dtype].as_strided(t.shape, _contiguous_strides(t.shape),
+                                             offset // t.element_size())  # fmt: skip
+            if not isinstance(t, nn.Parameter):
+                view.copy_(t)
+            t.data = view
+
+    def intact(self) -> bool:
+        """Whether every tensor is still a view at its place (nothing swapped its data)."""
+        return list(map(torch.Tensor.data_ptr, self.tensors)) == self._addresses
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors by name, in file order."""
+        return dict(zip(self.names, self.tensors))
+
+    def matches(self, raw_header: bytes, data_start: int, size: int) -> bool:
+        """Whether a file with this header (its JSON text and padding), data start and
+        size holds exactly this region's tensors at this region's offsets, so that its
+        data maps in place. Files saved by ``write_file`` from this layout do."""
+        return (
+            data_start % PAGE_SIZE == 0
+            and size == data_start + self.nbytes
+            and raw_header.rstrip(b" ") == self.header_json
+        )
+
+    def write(self, path: str) -> tuple[int, int]:
+        """Write the region as a safetensors file (``write_raw``): its header, then its
+        memory in one piece; returns (size in bytes, CRC-32 of the file)."""
+        data = memoryview(self.base[: self.nbytes].numpy())
+        size, crc = write_raw(path, self.header_json, [data])
+        return size, crc
+
+    def map_file(self, path: str, data_start: int) -> None:
+        """Put the file's data (from ``data_start``, a page boundary) in place of the
+        region's memory: private, copy-on-write, page tables filled."""
+        if not self.nbytes:
+            return
+        fd = open_for_read(path)
+        try:
+            prot = mmap.PROT_READ | mmap.PROT_WRITE
+            flags = mmap.MAP_PRIVATE | _MAP_FIXED
+            got = _libc.mmap(self.address, self.nbytes, prot, flags, fd, data_start)
+            if got in (None, _MAP_FAILED) or got != self.address:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of {path} over the weights failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)  # the mapping keeps the file open
+        self._memory.madvise(mmap.MADV_WILLNEED, 0, self.nbytes)
+        try:
+            self._memory.madvise(_MADV_POPULATE_READ, 0, self.nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):  # older kernels: first touch
+                raise
+
+
+def build_region(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Move ``model``'s distinct state tensors ``state`` (all on the CPU) into one
+    ``WeightRegion``, kept on the model."""
+    object.__setattr__(model, REGION_ATTR, WeightRegion(state))
+
+
+def get_region(model: nn.Module) -> WeightRegion | None:
+    return getattr(model, REGION_ATTR, None)
