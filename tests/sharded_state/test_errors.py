@@ -195,8 +195,9 @@ def test_unfinished_save_is_refused(ckpt):
         _load(ckpt)
 
 
-def test_save_refuses_state_that_would_not_load(model_dirs, tmp_path):
-    llm = make_llm(model_dirs("llama"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: the weight block
+def test_save_refuses_state_that_would_not_load(model_dirs, tmp_path, dtype):
+    llm = make_llm(model_dirs("llama"), dtype=dtype)
     name = "model.layers.0.mlp.down_proj.weight"
     llm.collective_rpc(worker_fns.reshape_param, args=(name,))
     out = tmp_path / "out"

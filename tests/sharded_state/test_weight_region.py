@@ -39,7 +39,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _filled(seed: int) -> tuple[Tiny, WeightRegion]:
     model = Tiny()
-    region = WeightRegion(_state(model))
+    region = WeightRegion(model, _state(model))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -60,6 +60,27 @@ def test_region_holds_the_state_in_file_order_and_keeps_buffers():
     assert region.intact()
     model.norm.data = torch.zeros(6)
     assert not region.intact()
+
+
+def test_region_is_not_intact_once_the_state_changes():
+    """Data swapped, a parameter or buffer replaced or added, a submodule replaced."""
+    changes = {
+        "data": lambda m: setattr(m.norm, "data", torch.zeros(6)),
+        "param": lambda m: setattr(m, "norm", nn.Parameter(m.norm.detach().clone())),
+        "buffer": lambda m: setattr(m, "scale", m.scale.clone()),
+        "new buffer": lambda m: m.register_buffer("extra", torch.ones(2)),
+        "module": lambda m: setattr(m, "head", nn.Linear(6, 11, bias=False)),
+    }
+    for what, change in changes.items():
+        model, region = _filled(5)
+        nn.Linear(2, 2)  # another module built meanwhile: the region looks, still intact
+        assert region.intact(), what
+        change(model)
+        assert not region.intact(), what
+    model, region = _filled(6)
+    model.register_buffer("unsaved", torch.ones(2), persistent=False)
+    model.register_buffer("nothing", torch.empty(0))
+    assert region.intact()  # neither is saved or loaded
 
 
 def test_region_file_is_byte_identical_to_separate_tensors(tmp_path):

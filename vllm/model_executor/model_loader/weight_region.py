@@ -20,9 +20,15 @@ import ctypes
 import errno
 import mmap
 import os
+import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from vllm.model_executor.model_loader.safetensors_io import (
     _MADV_POPULATE_READ,
@@ -37,6 +43,20 @@ from vllm.model_executor.model_loader.safetensors_io import (
 # Attribute set on a model by ``build_region``.
 REGION_ATTR = "_weight_region"
 
+# Bumped whenever any module registers a parameter, buffer or submodule, e.g. a weight
+# replaced by ``module.weight = nn.Parameter(...)``: a region built before the last bump
+# checks the model's state dict before it vouches for it (``WeightRegion.intact``).
+_registrations = [0]
+
+
+def _count_registration(*_args) -> None:
+    _registrations[0] += 1
+
+
+register_module_parameter_registration_hook(_count_registration)
+register_module_buffer_registration_hook(_count_registration)
+register_module_module_registration_hook(_count_registration)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -48,10 +68,11 @@ _MAP_FIXED = 0x10  # Linux; not in Python 3.11's mmap module
 class WeightRegion:
     """State tensors moved into one page-aligned anonymous mapping, in file order."""
 
-    def __init__(self, state: dict[str, torch.Tensor]):
-        """``state``: the distinct tensors to hold (``filter_subtensors`` of
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor]):
+        """``state``: the distinct tensors of ``model`` to hold (``filter_subtensors`` of
         ``state_dict(keep_vars=True)``), all on the CPU. Buffers keep their values;
         parameters are uninitialised, their bytes are not copied."""
+        self._model = weakref.ref(model)  # the region lives on the model: no cycle
         items, header, self.nbytes = plan_layout(state.items())
         self.header_json = header_json(header)  # what a file of this layout starts with
         self._memory = mmap.mmap(-1, max(self.nbytes, 1), flags=mmap.MAP_PRIVATE)
@@ -71,10 +92,27 @@ class WeightRegion:
             if not isinstance(t, nn.Parameter):
                 view.copy_(t)
             t.data = view
+        self._seen = _registrations[0]
 
     def intact(self) -> bool:
-        """Whether every tensor is still a view at its place (nothing swapped its data)."""
-        return list(map(torch.Tensor.data_ptr, self.tensors)) == self._addresses
+        """Whether the model's state is still exactly the region's tensors, each a view at
+        its place: no data swapped (``param.data = ...``), no tensor replaced or added."""
+        if list(map(torch.Tensor.data_ptr, self.tensors)) != self._addresses:
+            return False
+        if self._seen != _registrations[0]:  # something registered since: look
+            model = self._model()
+            if model is None or not self._holds(model.state_dict(keep_vars=True)):
+                return False
+            self._seen = _registrations[0]
+        return True
+
+    def _holds(self, state: dict[str, torch.Tensor]) -> bool:
+        """Whether ``state`` (the model's, ``keep_vars=True``) holds the region's tensors
+        under their names, and otherwise only aliases of them or empty tensors."""
+        if any(state.get(n) is not t for n, t in zip(self.names, self.tensors)):
+            return False
+        ids = set(map(id, self.tensors))
+        return all(id(t) in ids or t.numel() == 0 for t in state.values())
 
     def state(self) -> dict[str, torch.Tensor]:
         """The tensors by name, in file order."""
@@ -123,7 +161,7 @@ class WeightRegion:
 def build_region(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Move ``model``'s distinct state tensors ``state`` (all on the CPU) into one
     ``WeightRegion``, kept on the model."""
-    object.__setattr__(model, REGION_ATTR, WeightRegion(state))
+    object.__setattr__(model, REGION_ATTR, WeightRegion(model, state))
 
 
 def get_region(model: nn.Module) -> WeightRegion | None:
