@@ -5,7 +5,7 @@ downloaded), saves it sharded at each tensor-parallel size, and prints:
 
 1. save: per TP, the raw write bandwidth (large writes + fsync of the same bytes) next
    to ``write_file`` without and with the CRC-32 the manifest records, and the whole
-   ``save_sharded_state`` (temp dir, checks, manifest, swap);
+   ``save_sharded_state`` (temp dir, checks, manifest, swap) into an empty directory;
 2. load: per TP and method, seconds (first rank start to last rank done), GB/s (bytes of
    all ranks / seconds), ratio to raw, bytes read per rank (``rchar``: read() calls of
    the process, which memory-mapped reads do not show; ``disk``: bytes fetched from the
@@ -303,7 +303,8 @@ def task_loader(spec: dict, vllm_config, dist) -> dict:
 
 def task_save(spec: dict, vllm_config, dist) -> dict:
     """Load from the HF files, then time: raw writes, write_file without and with CRC-32,
-    and save_sharded_state into spec['out']."""
+    and save_sharded_state into an empty directory; then save into spec['out'] (untimed)
+    for the loads."""
     import torch
 
     from vllm.model_executor.model_loader.loader import get_model_loader
@@ -333,8 +334,12 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
     def with_crc() -> None:
         write_file(os.path.join(scratch, "b"), state.items())
 
+    # Like the other methods' files, the saved directory is removed between runs: each
+    # save writes into an empty one (replacing a checkpoint adds deleting its files).
+    fresh = os.path.join(spec["scratch"], "sharded")
+
     def save() -> None:
-        save_sharded_state(model, spec["out"], vllm_config=vllm_config)
+        save_sharded_state(model, fresh, vllm_config=vllm_config)
 
     out = {"bytes": nbytes}
     # The first write of a process pays for growing the page cache: an untimed one first;
@@ -346,6 +351,10 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
         out.setdefault(name, []).append(_timed(dist, fn))
         for f in glob.glob(os.path.join(scratch, "*")):
             os.remove(f)
+        if spec["rank"] == 0:
+            shutil.rmtree(fresh, ignore_errors=True)
+        dist.barrier()
+    save_sharded_state(model, spec["out"], vllm_config=vllm_config)
     return out
 
 
@@ -532,7 +541,7 @@ def main() -> None:
 
         print(
             "\nSave (each rank writes its own state; GB/s over all ranks; fsync included; "
-            f"the fastest of {SAVE_REPEATS} runs)"
+            f"the fastest of {SAVE_REPEATS} runs; save_sharded_state into an empty directory)"
         )
         head = (f"{'checkpoint':<12} {'TP':>2} | {'raw write':>14} | {'write_file':>14} | "
                 f"{'+CRC-32':>14} {'CRC cost':>8} | {'save_sharded_state':>19}")  # fmt: skip
