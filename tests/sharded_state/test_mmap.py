@@ -8,6 +8,7 @@ would cost memory (weights repacked after loading) or cannot check checksums.
 from __future__ import annotations
 
 import os
+import shutil
 import zlib
 
 import pytest
@@ -18,6 +19,7 @@ from tests.sharded_state import worker_fns
 from tests.sharded_state.common import ARCHS, greedy, make_llm, shutdown
 from tests.utils import random_prompts
 from vllm.entrypoints.save_sharded_state import copy_metadata_files
+from vllm.model_executor.model_loader import sharded_state_loader
 from vllm.model_executor.model_loader.safetensors_io import PAGE_SIZE, read_header_json
 
 
@@ -148,6 +150,37 @@ def test_writing_a_mapped_parameter_leaves_the_file_alone(saved):
     assert llm.collective_rpc(worker_fns.state_digest) != digest  # the model changed ...
     assert zlib.crc32(open(path, "rb").read()) == before  # ... the checkpoint did not
     shutdown(llm)
+
+
+@pytest.mark.parametrize("extra", [{}, {"mmap": False}, {"verify": True}])
+def test_a_file_laid_out_as_the_block_loads_without_per_tensor_work(saved, monkeypatch, extra):
+    """Mapped, read or verified, the file moves in one piece: the per-tensor header
+    checks never run (TP 1 runs in this process)."""
+    _, out, prompts, tokens, digest = saved
+
+    def per_tensor(*args):
+        raise AssertionError("per-tensor path taken")
+
+    monkeypatch.setattr(sharded_state_loader, "_check_headers", per_tensor)
+    llm = make_llm(out, dtype="bfloat16", load_format="sharded_state",
+                   model_loader_extra_config=extra)  # fmt: skip
+    assert llm.collective_rpc(worker_fns.state_digest) == digest
+    assert greedy(llm, prompts) == tokens
+    shutdown(llm)
+
+
+def test_verify_names_a_flipped_byte_in_a_file_read_in_one_piece(saved, tmp_path):
+    src, out, *_ = saved
+    bad = str(tmp_path / "bad")
+    shutil.copytree(out, bad)
+    with open(os.path.join(bad, "model-rank-0-part-0.safetensors"), "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ValueError, match="Checksum mismatch for .*model-rank-0-part-0"):
+        make_llm(bad, dtype="bfloat16", load_format="sharded_state",
+                 model_loader_extra_config={"verify": True})  # fmt: skip
 
 
 def test_mmap_false_and_verify_read_instead(saved):

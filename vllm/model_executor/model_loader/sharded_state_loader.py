@@ -29,6 +29,7 @@ from vllm.model_executor.model_loader.parallel_reader import ParallelReader
 from vllm.model_executor.model_loader.safetensors_io import (
     FileHeader,
     ShardFileError,
+    TensorEntry,
     dtype_name,
     map_file,
     read_header,
@@ -124,25 +125,23 @@ class ShardedStateLoader(BaseModelLoader):
         start = time.perf_counter()
         rank = get_tensor_model_parallel_rank()
         files = self._rank_files(vllm_config, vllm_config.model_config.model, rank)
-        use_mmap = self._use_mmap(vllm_config)
-        region = get_region(model)
-        if use_mmap and region is not None and len(files) == 1:
-            # The file laid out as the model's block (saved by this build from a model
-            # of the same layout): one mapping replaces every tensor, no work per tensor.
-            path = files[0][0]
-            raw_header, data_start, size = read_header_bytes(path)
-            if region.matches(raw_header, data_start, size) and region.intact():
-                with torch.no_grad():
-                    region.map_file(path, data_start)
-                log_weights_loaded(start, data_start + region.nbytes)
-                return
-        state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
-        targets = self._filter_subtensors(state)
-        headers = [read_header(path) for path, _ in files]
-        _check_headers(headers, targets, rank, vllm_config)
         crcs = [crc for _, crc in files] if self.verify else None
         if crcs is not None and all(crc is None for crc in crcs):
             logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
+        use_mmap = self._use_mmap(vllm_config)
+        region = get_region(model)
+        if region is not None and len(files) == 1:
+            nbytes = _load_region(region, files[0][0], crcs[0] if crcs else None, use_mmap)
+            if nbytes is not None:
+                log_weights_loaded(start, nbytes)
+                return
+        state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
+        if region is not None and region.intact():
+            targets = region.state()  # the same tensors, without sorting out shared memory
+        else:
+            targets = self._filter_subtensors(state)
+        headers = [read_header(path) for path, _ in files]
+        _check_headers(headers, targets, rank, vllm_config)
         nbytes = sum(h.data_start for h in headers)
         with torch.no_grad():
             if use_mmap:
@@ -244,6 +243,24 @@ class ShardedStateLoader(BaseModelLoader):
         fills the manifest, else it is derived from the model.
         """
         save_sharded_state(model, path, pattern, max_size, vllm_config)
+
+
+def _load_region(region: WeightRegion, path: str, crc: int | None, use_mmap: bool) -> int | None:
+    """Load a file laid out as the model's block (saved by this build from a model of the
+    same layout) in one piece, with no work per tensor: mapped over the block, or read
+    into it (checking ``crc`` if given). Returns the bytes loaded, or None (and does
+    nothing) for a file of another layout or a model whose state left the block."""
+    raw_header, data_start, size = read_header_bytes(path)
+    if not (region.matches(raw_header, data_start, size) and region.intact()):
+        return None
+    with torch.no_grad():
+        if use_mmap:
+            region.map_file(path, data_start)
+            return size
+        data = TensorEntry("<weights>", torch.uint8, (region.nbytes,), data_start, size)
+        header = FileHeader(path, data_start, size, (data,))
+        block = {data.name: region.base[: region.nbytes]}
+        return data_start + ParallelReader().read([header], block, [crc])
 
 
 def _check_headers(
