@@ -132,22 +132,21 @@ class ShardedStateLoader(BaseModelLoader):
             logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
         use_mmap = self._use_mmap(vllm_config)
         region = get_region(model)
-        if region is not None and len(files) == 1:
-            nbytes = _load_region(region, files[0][0], crcs[0] if crcs else None, use_mmap)
+        in_block = region is not None and region.intact()  # the model's state is its block
+        if in_block and len(files) == 1:
+            nbytes = _load_block(region, files[0][0], crcs[0] if crcs else None, use_mmap)
             if nbytes is not None:
                 log_weights_loaded(start, nbytes)
                 return
         state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
-        if region is not None and region.intact():
-            targets = region.state()  # the same tensors, without sorting out shared memory
-        else:
-            targets = self._filter_subtensors(state)
+        # In the block: the same tensors, without sorting out shared memory.
+        targets = region.state() if in_block else self._filter_subtensors(state)
         headers = [read_header(path) for path, _ in files]
         _check_headers(headers, targets, rank, vllm_config)
         nbytes = sum(h.data_start for h in headers)
         with torch.no_grad():
             if use_mmap:
-                nbytes += _map_files(headers, targets, state, region)
+                nbytes += _map_files(headers, targets, state, in_block)
             nbytes += ParallelReader().read(headers, targets, crcs)
         log_weights_loaded(start, nbytes)
 
@@ -247,13 +246,13 @@ class ShardedStateLoader(BaseModelLoader):
         save_sharded_state(model, path, pattern, max_size, vllm_config)
 
 
-def _load_region(region: WeightRegion, path: str, crc: int | None, use_mmap: bool) -> int | None:
-    """Load a file laid out as the model's block (saved by this build from a model of the
-    same layout) in one piece, with no work per tensor: mapped over the block, or read
-    into it (checking ``crc`` if given). Returns the bytes loaded, or None (and does
-    nothing) for a file of another layout or a model whose state left the block."""
+def _load_block(region: WeightRegion, path: str, crc: int | None, use_mmap: bool) -> int | None:
+    """Load a file laid out as the block of a model whose state is that block (saved by
+    this build from a model of the same layout) in one piece, with no work per tensor:
+    mapped over the block, or read into it (checking ``crc`` if given). Returns the bytes
+    loaded, or None (and does nothing) for a file of another layout."""
     raw_header, data_start, size = read_header_bytes(path)
-    if not (region.matches(raw_header, data_start, size) and region.intact()):
+    if not region.matches(raw_header, data_start, size):
         return None
     with torch.no_grad():
         if use_mmap:
@@ -313,21 +312,20 @@ def _map_files(
     headers: list[FileHeader],
     targets: dict[str, torch.Tensor],
     state: dict[str, torch.Tensor],
-    region: WeightRegion | None,
+    in_block: bool,
 ) -> int:
     """Point every CPU tensor of ``targets`` that owns its memory alone at the mapped file
     (``map_file``) and drop it from ``targets``; returns the bytes mapped. The rest (a
-    tensor another one aliases, a misaligned one) stays in ``targets`` to be read."""
-    owners: dict[tuple, set[int]] = {}
-    for t in state.values():
-        if not t.is_mkldnn:
-            owners.setdefault(storage_id(t), set()).add(id(t))
-    shared = {i for ids in owners.values() if len(ids) > 1 for i in ids}
-    if region is not None and region.intact():
-        # The block's own tensors share its storage but not a byte: each may move alone.
-        ids = owners.get(storage_id(region.base), set())
-        if ids == {id(t) for t in region.tensors}:
-            shared -= ids
+    tensor another one aliases, a misaligned one) stays in ``targets`` to be read.
+    ``in_block``: the state is the model's weight block, whose tensors share its storage
+    but not a byte, so each may move alone."""
+    shared: set[int] = set()
+    if not in_block:
+        owners: dict[tuple, set[int]] = {}
+        for t in state.values():
+            if not t.is_mkldnn:
+                owners.setdefault(storage_id(t), set()).add(id(t))
+        shared = {i for ids in owners.values() if len(ids) > 1 for i in ids}
     nbytes = 0
     for header in headers:
         for name, mapped in map_file(header).items():

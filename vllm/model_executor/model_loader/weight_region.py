@@ -132,8 +132,7 @@ class WeightRegion:
         """Write the region as a safetensors file (``write_raw``): its header, then its
         memory in one piece; returns (size in bytes, CRC-32 of the file)."""
         data = memoryview(self.base[: self.nbytes].numpy())
-        size, crc = write_raw(path, self.header_json, [data])
-        return size, crc
+        return write_raw(path, self.header_json, [data])
 
     def map_file(self, path: str, data_start: int) -> None:
         """Put the file's data (from ``data_start``, a page boundary) in place of the
