@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import pytest
 import torch
 from safetensors import safe_open
@@ -483,6 +485,36 @@ def test_small_reads_are_gathered_into_few_preadvs(tmp_path, monkeypatch):
     pool.shutdown()
     _assert_same(got, a)
     assert calls == [200]
+
+
+def test_reads_into_views_of_one_buffer(tmp_path, monkeypatch):
+    """Destinations that share one buffer (a model in its weight block) each get exactly
+    their bytes, row slices included, and the bytes between them are left alone; a
+    destination with a buffer of its own is not held once its read is done."""
+    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 512)  # big tensors over tasks
+    a = {f"w{i}": torch.randn(40 + i, 9) for i in range(5)}
+    a["scalar"] = torch.tensor(2.5)
+    path, _, _ = _write(tmp_path, "shared.safetensors", a)
+    block = torch.full((4096,), float("nan"))
+    got, pos = {}, 3  # odd offsets, gaps between the views
+    for name, t in reversed(a.items()):
+        got[name] = block[pos : pos + t.numel()].view(t.shape)
+        pos += t.numel() + 5
+    pool = ThreadPoolExecutor(2)
+    with SafetensorsFile(path, pool=pool) as f:
+        for name in a:
+            f.get_slice(name).read_into(got[name])
+        memory = numpy.empty((10, 9), dtype=numpy.float32)  # weakref-able, unlike storages
+        own = torch.from_numpy(memory)
+        f.get_slice("w1").narrow(0, 30, 10).read_into(own)
+        f.wait()
+        assert torch.equal(own, a["w1"][30:40])
+        memory_ref = weakref.ref(memory)
+        del own, memory
+        assert memory_ref() is None
+    pool.shutdown()
+    _assert_same(got, a)
+    assert int(torch.isnan(block).sum()) == block.numel() - sum(t.numel() for t in a.values())
 
 
 def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
             f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
             f"the model expects {tuple(dst.shape)}."
         )
-    direct = dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == w.dtype
+    direct = dst.is_cpu and dst.dtype == w.dtype and dst.is_contiguous()
     if direct and hasattr(w, "read_into"):
         w.read_into(dst)  # straight from the file into the parameter
     else:

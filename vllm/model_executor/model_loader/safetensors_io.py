@@ -65,6 +65,9 @@ class ShardFileError(ValueError):
     """A shard file is missing, truncated, corrupt, or does not match the model."""
 
 
+Box = tuple[tuple[int, int], ...]  # a tensor's (start, end) along each dim
+
+
 class TensorEntry(NamedTuple):  # a NamedTuple: built per tensor, 4x cheaper than a dataclass
     name: str
     dtype: torch.dtype
@@ -420,6 +423,9 @@ class SafetensorsFile:
         self._copies: list[tuple[TensorEntry, tuple, torch.Tensor]] = []
         self._gathered = 0
         self._entries = {e.name: e for e in self.header.tensors}
+        # Byte views of the destinations' storages, by address: one per storage, sliced
+        # per tensor (a model in its weight block has one storage for every parameter).
+        self._storage_views: dict[int, memoryview] = {}
         self.fd = open_for_read(path)
 
     def keys(self) -> list[str]:
@@ -427,23 +433,42 @@ class SafetensorsFile:
 
     def get_slice(self, name: str) -> TensorSlice:
         entry = self._entries[name]
-        return TensorSlice(self, entry, tuple((0, d) for d in entry.shape))
+        whole = tuple((0, d) for d in entry.shape)
+        return TensorSlice(self, entry, whole, whole)
 
-    def read_runs(self, runs: list[tuple[int, memoryview]], wait: bool = False) -> None:
-        """Read each (file offset, buffer) run; queued for the pool unless ``wait``."""
-        self.stats.bytes_read += sum(len(view) for _, view in runs)
+    def byte_view(self, dst: torch.Tensor) -> memoryview:
+        """The bytes of ``dst`` (a contiguous CPU tensor) as a memoryview that keeps its
+        storage alive. A storage that holds more than ``dst`` (a model's weight block)
+        gets one view, kept until ``close()`` and sliced for each of its tensors: a tenth
+        of the cost of going through ``dst.numpy()``, which matters for 10k tensors."""
+        storage = dst.untyped_storage()
+        base = storage.data_ptr()
+        view = self._storage_views.get(base)
+        if view is None:
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+            view = memoryview(whole.numpy())
+            if storage.nbytes() > dst.nbytes:  # not kept for a tensor of its own storage
+                self._storage_views[base] = view
+        start = dst.data_ptr() - base
+        return view[start : start + dst.nbytes]
+
+    def read_run(self, offset: int, view: memoryview, wait: bool = False) -> None:
+        """Read ``len(view)`` bytes at file ``offset`` into ``view``; queued for the pool
+        unless ``wait``."""
+        self.stats.bytes_read += len(view)
         if self.pool is None or wait:
-            self._read(runs)
+            self._read([(offset, view)])
             return
-        for offset, view in runs:
-            for start in range(0, len(view), _TASK_BYTES):  # big runs over several tasks
-                piece = view[start : start + _TASK_BYTES]
-                self._runs.append((offset + start, piece))
-                self._gather(len(piece))
+        if len(view) <= _TASK_BYTES:
+            self._runs.append((offset, view))
+            self._gather(len(view))
+            return
+        for start in range(0, len(view), _TASK_BYTES):  # a big run over several tasks
+            piece = view[start : start + _TASK_BYTES]
+            self._runs.append((offset + start, piece))
+            self._gather(len(piece))
 
-    def copy_mapped(
-        self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor, wait: bool
-    ) -> None:
+    def copy_mapped(self, entry: TensorEntry, box: Box, dst: torch.Tensor, wait: bool) -> None:
         """Copy ``box`` of ``entry`` into ``dst`` from a private mapping of the tensor's
         pages (queued for the pool unless ``wait``); the mapping is gone on return."""
         self.stats.bytes_read += dst.nbytes
@@ -470,9 +495,7 @@ class SafetensorsFile:
         for entry, box, dst in copies:
             self._copy_mapped(entry, box, dst)
 
-    def _copy_mapped(
-        self, entry: TensorEntry, box: tuple[tuple[int, int], ...], dst: torch.Tensor
-    ) -> None:
+    def _copy_mapped(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
         first = entry.start - entry.start % mmap.PAGESIZE
         mapped = mmap.mmap(self.fd, entry.end - first, offset=first, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
@@ -512,6 +535,7 @@ class SafetensorsFile:
         try:
             self.wait()
         finally:
+            self._storage_views.clear()
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -527,16 +551,20 @@ class TensorSlice:
     """A box of a tensor in a ``SafetensorsFile``: ``narrow`` it, then ``read_into`` a
     tensor (or index it, ``[:]``, for a new tensor). Takes exactly the box's bytes: one
     read when the box is contiguous in the file; otherwise (e.g. a column range of every
-    row) one strided copy out of a short-lived mapping of the tensor's pages."""
+    row) one strided copy out of a short-lived mapping of the tensor's pages.
 
-    def __init__(self, file: SafetensorsFile, entry: TensorEntry, box: tuple[tuple[int, int], ...]):
+    A load makes a few of these per tensor, so their methods keep to plain Python."""
+
+    def __init__(self, file: SafetensorsFile, entry: TensorEntry, box: Box, whole: Box):
         self.file = file
         self.entry = entry
-        self.box = box
+        self.box = box  # (start, end) per dim
+        self.whole = whole  # the box of the whole tensor
         self.dtype = entry.dtype
+        self.shape = tuple(b - a for a, b in box)
 
     def get_shape(self) -> list[int]:
-        return [b - a for a, b in self.box]
+        return list(self.shape)
 
     def narrow(self, dim: int, start: int, length: int) -> TensorSlice:
         a, b = self.box[dim]
@@ -547,7 +575,7 @@ class TensorSlice:
             )
         box = list(self.box)
         box[dim] = (a + start, a + start + length)
-        return TensorSlice(self.file, self.entry, tuple(box))
+        return TensorSlice(self.file, self.entry, tuple(box), self.whole)
 
     def __getitem__(self, index) -> torch.Tensor:
         if not isinstance(index, tuple):
@@ -558,9 +586,9 @@ class TensorSlice:
         for dim, s in enumerate(index):
             if not isinstance(s, slice) or s.step not in (None, 1):
                 raise TypeError(f"TensorSlice takes ranges (start:stop), got {index!r}.")
-            start, stop, _ = s.indices(view.get_shape()[dim])
+            start, stop, _ = s.indices(view.shape[dim])
             view = view.narrow(dim, start, max(0, stop - start))
-        out = torch.empty(view.get_shape(), dtype=self.dtype)
+        out = torch.empty(view.shape, dtype=self.dtype)
         view.read_into(out, wait=True)
         return out
 
@@ -568,25 +596,26 @@ class TensorSlice:
         """Read the box into ``dst``: a contiguous CPU tensor of its shape and dtype. If
         the file has a pool, the bytes are in place after its ``wait()``, else (or with
         ``wait``) on return."""
-        if not (dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == self.dtype):
+        if not (dst.is_cpu and dst.dtype == self.dtype and dst.is_contiguous()):
             raise ValueError("read_into needs a contiguous CPU tensor of the slice's dtype.")
-        if list(dst.shape) != self.get_shape():
+        if dst.shape != self.shape:
             raise ValueError(f"read_into: {list(dst.shape)} != slice {self.get_shape()}.")
-        if self.file.fd < 0:
-            raise ShardFileError(f"{self.file.path} was closed before {self.entry.name} was read.")
-        shape, box = self.entry.shape, self.box
-        # Dims after the last narrowed one are whole. With no dim narrowed, or only the
-        # first, the box is one contiguous run of the file: one read straight into dst.
-        cut = max((i for i, (a, b) in enumerate(box) if (a, b) != (0, shape[i])), default=-1)
-        if dst.numel() and cut > 0 and any(b - a > 1 for a, b in box[:cut]):
-            # Many runs (e.g. a column range of every row of a row-parallel weight): a read
-            # per run would cost a syscall and Python work per row. Copy the box out of a
-            # mapping of the tensor's pages instead, in one strided copy.
-            self.file.copy_mapped(self.entry, box, dst, wait=wait)
-            return
-        out = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
-        offset = self.entry.start
-        itemsize = self.dtype.itemsize
+        file, entry, box = self.file, self.entry, self.box
+        if file.fd < 0:
+            raise ShardFileError(f"{file.path} was closed before {entry.name} was read.")
+        # The box is one contiguous run of the file when only the first dim is narrowed
+        # (rows), or more generally when every dim before the last narrowed one has
+        # length 1: one read straight into dst.
+        if box[1:] != self.whole[1:]:
+            cut = max(i for i in range(len(box)) if box[i] != self.whole[i])
+            if dst.numel() and any(b - a > 1 for a, b in box[:cut]):
+                # Many runs (e.g. a column range of every row of a row-parallel weight): a
+                # read per run would cost a syscall and Python work per row. Copy the box
+                # out of a mapping of the tensor's pages instead, in one strided copy.
+                file.copy_mapped(entry, box, dst, wait=wait)
+                return
+        offset = entry.start
         for i, (a, _) in enumerate(box):  # the box's first element, row-major
-            offset += a * itemsize * math.prod(shape[i + 1 :])
-        self.file.read_runs([(offset, out)], wait=wait)
+            if a:
+                offset += a * self.dtype.itemsize * math.prod(entry.shape[i + 1 :])
+        file.read_run(offset, file.byte_view(dst), wait=wait)
