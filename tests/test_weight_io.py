@@ -247,9 +247,29 @@ def nd_file(tmp_path):
     return path, tensors
 
 
+@pytest.fixture(params=["mapped", "small"])
+def strided_path(request, monkeypatch) -> str:
+    """Run a test with strided slices copied out of a mapping (every tensor counts as
+    large), then with the small-tensor path (the whole tensor read into a scratch buffer;
+    every tensor of these tests is small)."""
+    if request.param == "mapped":
+        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
+    return request.param
+
+
+def _bytes_taken(want: torch.Tensor, full: torch.Tensor, strided_path: str) -> int:
+    """What reading ``want`` (a narrow of ``full``) costs: its own bytes when it is one run
+    of memory (or the mapped path copies it), else the whole small tensor."""
+    if want.is_contiguous() or strided_path == "mapped":
+        return want.nbytes
+    return full.nbytes
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
-def test_narrow_each_dim_reads_only_the_slice(nd_file, shape):
-    """narrow + read_into / [:] equals torch.narrow and reads exactly the slice's bytes."""
+def test_narrow_each_dim_reads_only_the_slice(nd_file, shape, strided_path):
+    """narrow + read_into / [:] equals torch.narrow; a slice that is one run of the file
+    reads exactly its bytes, a strided one its bytes through a mapping, or the whole
+    tensor when that is small."""
     path, tensors = nd_file
     name = f"t{len(shape)}"
     want_full = tensors[name]
@@ -267,14 +287,15 @@ def test_narrow_each_dim_reads_only_the_slice(nd_file, shape):
                 out = torch.full(want.shape, float("nan"))
                 view.read_into(out)
                 assert torch.equal(out, want), (dim, start, length)
-                assert stats.bytes_read - before == want.numel() * 4
+                taken = _bytes_taken(want, want_full, strided_path)
+                assert stats.bytes_read - before == taken
                 before = stats.bytes_read
                 got = view[:]
                 assert torch.equal(got, want)
-                assert stats.bytes_read - before == want.numel() * 4
+                assert stats.bytes_read - before == taken
 
 
-def test_chained_narrows(nd_file):
+def test_chained_narrows(nd_file, strided_path):
     """Narrows compose like torch.narrow, incl. two narrows of the same dim."""
     path, tensors = nd_file
     t = tensors["t3"]
@@ -296,7 +317,7 @@ def test_chained_narrows(nd_file):
             out = torch.empty(want.shape)
             view.read_into(out)
             assert torch.equal(out, want), chain
-            assert stats.bytes_read - before == want.numel() * 4
+            assert stats.bytes_read - before == _bytes_taken(want, t, strided_path)
 
 
 def test_indexing_matches_torch(nd_file):
@@ -335,7 +356,7 @@ def test_scalar_empty_and_bool(tmp_path):
         assert f.get_slice("empty")[:].shape == (0, 3)
         assert torch.equal(f.get_slice("mask")[:, 1:], tensors["mask"][:, 1:])
         assert torch.equal(f.get_slice("ids").narrow(0, 1, 2)[:], tensors["ids"][1:])
-    assert stats.bytes_read == 2 + 0 + 4 + 16
+    assert stats.bytes_read == 2 + 0 + 6 + 16  # the small mask's columns: all of it
 
 
 def test_out_of_range_narrow_raises_index_error(nd_file):
@@ -395,7 +416,7 @@ def test_upstream_written_file_reads_correctly(tmp_path):
             assert got.dtype == v.dtype and torch.equal(got, v), k
         col = f.get_slice("u.big").narrow(1, 5, 3)
         assert torch.equal(col[:], tensors["u.big"][:, 5:8])
-    assert stats.bytes_read == _data_bytes(tensors) + 33 * 3 * 4
+    assert stats.bytes_read == _data_bytes(tensors) + 33 * 17 * 4  # small: read whole
     # The parallel reader takes the same file.
     targets = _targets_for(tensors)
     size = os.path.getsize(path)
@@ -430,7 +451,7 @@ def test_weights_iterator_counts_bytes(tmp_path):
 def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
     """A column range of every row (a row-parallel weight's rank slice) is copied out of
     a mapping in one go, not read row by row; the mapping is gone afterwards."""
-    w = torch.randn(300, 64)
+    w = torch.randn(300, 1024)  # over 1 MiB: small tensors take one read instead
     path, _, _ = _write(tmp_path, "rows.safetensors", {"w": w})
     reads = []
     original = safetensors_io.preadv_fully
@@ -447,6 +468,30 @@ def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
         with open("/proc/self/maps") as maps:
             assert path not in maps.read()
     pool.shutdown()
+
+
+@pytest.mark.parametrize("wait", [False, True])
+def test_column_slice_of_small_tensor_is_one_read(tmp_path, monkeypatch, wait):
+    """A column range of a small tensor (1 MiB or less) is copied out of the whole tensor,
+    read with one preadv, never mapped; the bytes read count the whole tensor."""
+    w = torch.randn(300, 64)
+    path, _, _ = _write(tmp_path, "small.safetensors", {"w": w, "b": torch.randn(7)})
+    reads = []
+    original = safetensors_io.preadv_fully
+    monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
+    monkeypatch.setattr(safetensors_io.mmap, "mmap", None)  # any mapping would fail
+    stats = ReadStats()
+    pool = ThreadPoolExecutor(2)
+    with SafetensorsFile(path, stats, pool) as f:
+        out = torch.empty(300, 16)
+        f.get_slice("w").narrow(1, 16, 16).read_into(out, wait=wait)
+        f.wait()
+        assert torch.equal(out, w[:, 16:32])
+        two = f.get_slice("w").narrow(0, 100, 2).narrow(1, 3, 5)[:]  # chained, via [:]
+        assert torch.equal(two, w[100:102, 3:8])
+    pool.shutdown()
+    assert len(reads) == 2
+    assert stats.bytes_read == 2 * w.nbytes
 
 
 def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -57,6 +58,11 @@ IOV_MAX = 1024  # buffers per writev/preadv call (Linux's limit)
 # ones gathered (one task per tensor cost 2-3x the whole load for 11k small tensors),
 # adjacent small ones into one preadv.
 _TASK_BYTES = 16 << 20
+# A strided slice (a row-parallel rank's columns) of a tensor up to this size is copied
+# out of the whole tensor read into a scratch buffer: setting up and tearing down a
+# mapping costs ~150 us, more than reading the other ranks' columns too. Where rows are
+# shorter than a page, the rank's columns touch every page of the tensor anyway.
+_SMALL_TENSOR_BYTES = 1 << 20
 # Written files' data starts at a multiple of this (the header is padded with spaces).
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -405,11 +411,11 @@ class SafetensorsFile:
     Like ``safetensors.safe_open(...).get_slice(name)``, without a lasting memory map:
     the bytes go straight from the file into the destination tensor
     (``TensorSlice.read_into``; a strided slice through a mapping of its tensor that is
-    closed after the copy), so loading holds no file pages in the process's memory and
-    no second copy. With a
-    ``pool``, ``read_into`` queues its reads and returns: they go to the pool in tasks of
-    about ``_TASK_BYTES``; ``wait()`` (or ``close()``) returns when they are done and
-    raises the first read error.
+    closed after the copy, or for a small tensor through a scratch buffer), so loading
+    holds no file pages in the process's memory and no second copy. With a ``pool``,
+    ``read_into`` queues its reads and returns: they go to the pool in tasks of about
+    ``_TASK_BYTES``; ``wait()`` (or ``close()``) returns when they are done and raises
+    the first read error.
     """
 
     def __init__(self, path: str, stats: ReadStats | None = None, pool: Executor | None = None):
@@ -426,6 +432,7 @@ class SafetensorsFile:
         # Byte views of the destinations' storages, by address: one per storage, sliced
         # per tensor (a model in its weight block has one storage for every parameter).
         self._storage_views: dict[int, memoryview] = {}
+        self._local = threading.local()  # each thread's scratch buffer for small tensors
         self.fd = open_for_read(path)
 
     def keys(self) -> list[str]:
@@ -468,12 +475,15 @@ class SafetensorsFile:
             self._runs.append((offset + start, piece))
             self._gather(len(piece))
 
-    def copy_mapped(self, entry: TensorEntry, box: Box, dst: torch.Tensor, wait: bool) -> None:
-        """Copy ``box`` of ``entry`` into ``dst`` from a private mapping of the tensor's
-        pages (queued for the pool unless ``wait``); the mapping is gone on return."""
-        self.stats.bytes_read += dst.nbytes
+    def copy_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor, wait: bool) -> None:
+        """Copy ``box`` of ``entry`` (not one run of the file) into ``dst`` with one
+        strided copy (queued for the pool unless ``wait``): out of a private mapping of
+        the tensor's pages, gone on return; or, for a tensor of at most
+        ``_SMALL_TENSOR_BYTES``, out of the whole tensor read into a scratch buffer."""
+        small = entry.end - entry.start <= _SMALL_TENSOR_BYTES
+        self.stats.bytes_read += entry.end - entry.start if small else dst.nbytes
         if self.pool is None or wait:
-            self._copy_mapped(entry, box, dst)
+            self._copy_box(entry, box, dst)
         else:
             self._copies.append((entry, box, dst))
             self._gather(dst.nbytes)
@@ -493,21 +503,34 @@ class SafetensorsFile:
     def _run_task(self, runs: list[tuple[int, memoryview]], copies: list) -> None:
         self._read(runs)
         for entry, box, dst in copies:
-            self._copy_mapped(entry, box, dst)
+            self._copy_box(entry, box, dst)
 
-    def _copy_mapped(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
+    def _copy_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
+        nbytes = entry.end - entry.start
+        if nbytes <= _SMALL_TENSOR_BYTES:
+            scratch = getattr(self._local, "scratch", None)
+            if scratch is None:
+                scratch = self._local.scratch = torch.empty(_SMALL_TENSOR_BYTES, dtype=torch.uint8)
+            src = scratch[:nbytes]
+            preadv_fully(self.fd, [memoryview(src.numpy())], entry.start, self.path)
+            self._copy_out(src, entry, box, dst)
+            return
         first = entry.start - entry.start % mmap.PAGESIZE
         mapped = mmap.mmap(self.fd, entry.end - first, offset=first, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         try:
-            src = torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :]
-            src = src.view(entry.dtype).view(entry.shape)
-            for dim, (a, b) in enumerate(box):
-                src = src.narrow(dim, a, b - a)
-            dst.copy_(src)
-            del src  # release the buffer so the mapping can close
+            self._copy_out(torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :],
+                           entry, box, dst)  # fmt: skip
         finally:
-            mapped.close()
+            mapped.close()  # the views of it are gone with _copy_out's frame
+
+    @staticmethod
+    def _copy_out(src: torch.Tensor, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
+        """``dst.copy_(box of the tensor whose bytes src holds)``."""
+        src = src.view(entry.dtype).view(entry.shape)
+        for dim, (a, b) in enumerate(box):
+            src = src.narrow(dim, a, b - a)
+        dst.copy_(src)
 
     def _read(self, runs: list[tuple[int, memoryview]]) -> None:
         """Runs that follow each other in the file (tensors stored back to back) are
@@ -551,7 +574,8 @@ class TensorSlice:
     """A box of a tensor in a ``SafetensorsFile``: ``narrow`` it, then ``read_into`` a
     tensor (or index it, ``[:]``, for a new tensor). Takes exactly the box's bytes: one
     read when the box is contiguous in the file; otherwise (e.g. a column range of every
-    row) one strided copy out of a short-lived mapping of the tensor's pages.
+    row) one strided copy out of a short-lived mapping of the tensor's pages, or, for a
+    tensor of at most 1 MiB, out of the whole tensor read into a scratch buffer.
 
     A load makes a few of these per tensor, so their methods keep to plain Python."""
 
@@ -610,9 +634,8 @@ class TensorSlice:
             cut = max(i for i in range(len(box)) if box[i] != self.whole[i])
             if dst.numel() and any(b - a > 1 for a, b in box[:cut]):
                 # Many runs (e.g. a column range of every row of a row-parallel weight): a
-                # read per run would cost a syscall and Python work per row. Copy the box
-                # out of a mapping of the tensor's pages instead, in one strided copy.
-                file.copy_mapped(entry, box, dst, wait=wait)
+                # read per run would cost a syscall and Python work per row.
+                file.copy_box(entry, box, dst, wait=wait)
                 return
         offset = entry.start
         for i, (a, _) in enumerate(box):  # the box's first element, row-major
