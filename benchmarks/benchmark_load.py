@@ -22,6 +22,8 @@ downloaded), saves it sharded at each tensor-parallel size, and prints:
    ``sharded_state`` our sharded loader (bfloat16 on the CPU: the files are mapped),
    ``mmap=0`` the same reading the files with threads, ``verify`` reading and checking
    every file's CRC-32.
+   A second table compares ``default`` with ``upstream loop`` round by round (the two run
+   back to back in each round, so the ratio is steadier than the medians' on a noisy VM).
    With ``--num-tensors``, a further table puts the two checkpoints side by side: each
    method's cost per extra tensor in microseconds (0 would be flat with tensor count).
 3. start-up: ``LLM(...)`` to ready for a ~135M-parameter bfloat16 Llama at TP 1 and 2,
@@ -424,8 +426,11 @@ def measure_loads(
                 )
     rows = []
     for (tp, name), results in runs.items():
-        results.sort(key=lambda r: r["seconds"])
-        rows.append(dict(ckpt=label, tp=tp, method=name, cold=cold, **results[len(results) // 2]))
+        each = [r["seconds"] for r in results]  # in run order, for paired comparisons
+        results = sorted(results, key=lambda r: r["seconds"])
+        rows.append(
+            dict(ckpt=label, tp=tp, method=name, cold=cold, each=each, **results[len(results) // 2])
+        )
     return rows
 
 
@@ -450,6 +455,23 @@ def print_load_table(rows: list, total: dict[str, int]) -> None:
         print(f"{ckpt:<12} {tp:>2} {method:<21} | {w['seconds']:>7.2f} {gb / w['seconds']:>6.2f} "
               f"{raw_w / w['seconds']:>5.2f}x | {cold_cells} | {w['rchar'] / 1e6:>13.0f} {disk} "
               f"| {rss}")  # fmt: skip
+
+
+def print_paired(rows: list, method: str, baseline: str) -> None:
+    """``method`` against ``baseline`` run by run: the two ran back to back in each round,
+    so a slow spell of the machine hits both; their ratio is steadier than the medians'."""
+    warm = {(r["ckpt"], r["tp"], r["method"]): r["each"] for r in rows if not r["cold"]}
+    print(f"\n{method} against {baseline}, paired by round ({baseline} s / {method} s; "
+          "above 1: faster)")  # fmt: skip
+    head = f"{'checkpoint':<12} {'TP':>2} | {'median':>6} | {'rounds, sorted':<30}"
+    print(head + "\n" + "-" * len(head))
+    for (ckpt, tp, name), ours in warm.items():
+        theirs = warm.get((ckpt, tp, baseline))
+        if name != method or theirs is None:
+            continue
+        ratios = sorted(b / a for a, b in zip(ours, theirs))
+        each = " ".join(f"{r:.2f}" for r in ratios)
+        print(f"{ckpt:<12} {tp:>2} | {ratios[len(ratios) // 2]:>5.2f}x | {each}")
 
 
 def print_tensor_cost(rows: list, counts: dict[str, int], total: dict[str, int]) -> None:
@@ -562,6 +584,7 @@ def main() -> None:
             "parameter bytes)"
         )
         print_load_table(load_rows, total)
+        print_paired(load_rows, "default", "upstream loop")
         if len(tensor_counts) == 2:
             print_tensor_cost(load_rows, tensor_counts, total)
 
