@@ -63,6 +63,7 @@ _TASK_BYTES = 16 << 20
 # mapping costs ~150 us, more than reading the other ranks' columns too. Where rows are
 # shorter than a page, the rank's columns touch every page of the tensor anyway.
 _SMALL_TENSOR_BYTES = 1 << 20
+_scratch = threading.local()
 # Written files' data starts at a multiple of this (the header is padded with spaces).
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -432,7 +433,6 @@ class SafetensorsFile:
         # Byte views of the destinations' storages, by address: one per storage, sliced
         # per tensor (a model in its weight block has one storage for every parameter).
         self._storage_views: dict[int, memoryview] = {}
-        self._local = threading.local()  # each thread's scratch buffer for small tensors
         self.fd = open_for_read(path)
 
     def keys(self) -> list[str]:
@@ -508,9 +508,9 @@ class SafetensorsFile:
     def _copy_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
         nbytes = entry.end - entry.start
         if nbytes <= _SMALL_TENSOR_BYTES:
-            scratch = getattr(self._local, "scratch", None)
-            if scratch is None:
-                scratch = self._local.scratch = torch.empty(_SMALL_TENSOR_BYTES, dtype=torch.uint8)
+            scratch = getattr(_scratch, "buffer", None)
+            if scratch is None:  # one per thread, shared by all files; gone with the thread
+                scratch = _scratch.buffer = torch.empty(_SMALL_TENSOR_BYTES, dtype=torch.uint8)
             src = scratch[:nbytes]
             preadv_fully(self.fd, [memoryview(src.numpy())], entry.start, self.path)
             self._copy_out(src, entry, box, dst)
