@@ -572,10 +572,10 @@ class SafetensorsFile:
 
 class TensorSlice:
     """A box of a tensor in a ``SafetensorsFile``: ``narrow`` it, then ``read_into`` a
-    tensor (or index it, ``[:]``, for a new tensor). Takes exactly the box's bytes: one
-    read when the box is contiguous in the file; otherwise (e.g. a column range of every
-    row) one strided copy out of a short-lived mapping of the tensor's pages, or, for a
-    tensor of at most 1 MiB, out of the whole tensor read into a scratch buffer.
+    tensor (or index it, ``[:]``, for a new tensor). A box that is one run of the file is
+    one read of exactly its bytes; any other (e.g. a column range of every row) is one
+    strided copy out of a short-lived mapping of the tensor's pages, or, for a tensor of
+    at most 1 MiB, out of the whole tensor read into a scratch buffer.
 
     A load makes a few of these per tensor, so their methods keep to plain Python."""
 
