@@ -449,13 +449,12 @@ class SafetensorsFile:
         gets one view, kept until ``close()`` and sliced for each of its tensors: a tenth
         of the cost of going through ``dst.numpy()``, which matters for 10k tensors."""
         storage = dst.untyped_storage()
-        base = storage.data_ptr()
+        base, size = storage.data_ptr(), storage.nbytes()
+        if size == dst.nbytes:  # a tensor of its own storage: its view is not kept
+            return _storage_bytes(dst, base, base + size)
         view = self._storage_views.get(base)
         if view is None:
-            whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-            view = memoryview(whole.numpy())
-            if storage.nbytes() > dst.nbytes:  # not kept for a tensor of its own storage
-                self._storage_views[base] = view
+            view = self._storage_views[base] = _storage_bytes(dst, base, base + size)
         start = dst.data_ptr() - base
         return view[start : start + dst.nbytes]
 
@@ -465,10 +464,6 @@ class SafetensorsFile:
         self.stats.bytes_read += len(view)
         if self.pool is None or wait:
             self._read([(offset, view)])
-            return
-        if len(view) <= _TASK_BYTES:
-            self._runs.append((offset, view))
-            self._gather(len(view))
             return
         for start in range(0, len(view), _TASK_BYTES):  # a big run over several tasks
             piece = view[start : start + _TASK_BYTES]
