@@ -247,22 +247,31 @@ def nd_file(tmp_path):
     return path, tensors
 
 
-@pytest.fixture(params=["mapped", "small"])
+@pytest.fixture(params=["mapped", "small", "staged"])
 def strided_path(request, monkeypatch) -> str:
     """Run a test with strided slices copied out of a mapping (every tensor counts as
     large), then with the small-tensor path (the whole tensor read into a scratch buffer;
-    every tensor of these tests is small)."""
+    every tensor of these tests is small), then with every read going the way of a CUDA
+    destination (staging buffers of 64 bytes: runs cut and joined again, rows of more
+    than a buffer each read on their own)."""
     if request.param == "mapped":
         monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
+    if request.param == "staged":
+        monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
+        monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 64)
     return request.param
 
 
-def _bytes_taken(want: torch.Tensor, full: torch.Tensor, strided_path: str) -> int:
+def _check_bytes_taken(taken: int, want: torch.Tensor, full: torch.Tensor, path: str) -> None:
     """What reading ``want`` (a narrow of ``full``) costs: its own bytes when it is one run
-    of memory (or the mapped path copies it), else the whole small tensor."""
-    if want.is_contiguous() or strided_path == "mapped":
-        return want.nbytes
-    return full.nbytes
+    of memory (or the mapped path copies it), else the whole small tensor; staged, the
+    rows it spans (at most the tensor)."""
+    if want.is_contiguous() or path == "mapped":
+        assert taken == want.nbytes
+    elif path == "small":
+        assert taken == full.nbytes
+    else:
+        assert want.nbytes <= taken <= full.nbytes
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{len(s)}d")
@@ -287,8 +296,8 @@ def test_narrow_each_dim_reads_only_the_slice(nd_file, shape, strided_path):
                 out = torch.full(want.shape, float("nan"))
                 view.read_into(out)
                 assert torch.equal(out, want), (dim, start, length)
-                taken = _bytes_taken(want, want_full, strided_path)
-                assert stats.bytes_read - before == taken
+                taken = stats.bytes_read - before
+                _check_bytes_taken(taken, want, want_full, strided_path)
                 before = stats.bytes_read
                 got = view[:]
                 assert torch.equal(got, want)
@@ -317,7 +326,7 @@ def test_chained_narrows(nd_file, strided_path):
             out = torch.empty(want.shape)
             view.read_into(out)
             assert torch.equal(out, want), chain
-            assert stats.bytes_read - before == _bytes_taken(want, t, strided_path)
+            _check_bytes_taken(stats.bytes_read - before, want, t, strided_path)
 
 
 def test_indexing_matches_torch(nd_file):
@@ -376,11 +385,11 @@ def test_read_into_rejects_wrong_destination(nd_file):
     path, _ = nd_file
     with SafetensorsFile(path) as f:
         sl = f.get_slice("t2").narrow(0, 1, 3)  # (3, 7) float32
-        with pytest.raises(ValueError):
-            sl.read_into(torch.empty(3, 7, dtype=torch.float64))
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="of the slice's dtype .torch.float32.*float64"):
+            sl.read_into(torch.empty(3, 7, dtype=torch.float64))  # a cast only on CUDA
+        with pytest.raises(ValueError, match=r"\[6, 7\] != slice \[3, 7\]"):
             sl.read_into(torch.empty(6, 7))
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="contiguous"):
             sl.read_into(torch.empty(7, 3).t())  # right shape, not contiguous
         dst = torch.empty(3, 7)
         sl.read_into(dst)  # the right one works
@@ -562,6 +571,92 @@ def test_reads_into_views_of_one_buffer(tmp_path, monkeypatch):
     assert int(torch.isnan(block).sum()) == block.numel() - sum(t.numel() for t in a.values())
 
 
+def _staged_cases(a: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    """name -> (narrows, expected): whole tensors, row and column slices, a 3-D box."""
+    cases = {name: ((), t) for name, t in a.items()}
+    cases["rows"] = (((0, 3, 17),), a["rows"][3:20])
+    cases["cols"] = (((1, 20, 30),), a["cols"][:, 20:50])
+    cases["box"] = (((0, 1, 2), (2, 1, 4)), a["box"][1:3, :, 1:5])
+    cases["cast"] = (((1, 5, 20),), a["cast"][:, 5:25].to(torch.bfloat16))  # cast on arrival
+    cases["cast_whole"] = ((), a["cast_whole"].double())
+    return cases
+
+
+def _read_cases(files: list[str], cases: dict, device: str) -> dict[str, torch.Tensor]:
+    got = {
+        k: torch.full(want.shape, float("nan"), dtype=want.dtype, device=device)
+        for k, (_, want) in cases.items()
+    }
+    for name, w in safetensors_weights_iterator(files):
+        for dim, start, length in cases[name][0]:
+            w = w.narrow(dim, start, length)
+        w.read_into(got[name])
+    return {k: v.cpu() for k, v in got.items()}
+
+
+def _staged_checkpoint(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    a = {f"n{i:03d}": torch.randn(2, 16, generator=g) for i in range(100)}  # 128 B each
+    a |= {k: torch.randn(40, 70, generator=g) for k in ("rows", "cols", "whole")}
+    a["box"] = torch.randn(3, 4, 9, generator=g)
+    a |= {k: torch.randn(20, 30, generator=g) for k in ("cast", "cast_whole")}
+    path, _, _ = _write(tmp_path, "staged.safetensors", a)
+    return path, a
+
+
+def test_staged_reads_through_the_pool(tmp_path, monkeypatch):
+    """The way of a CUDA destination, checked on the CPU: reads queued on three threads
+    through staging buffers of 1 KiB land intact (runs cut over buffers, column slices
+    rearranged from whole rows, other dtypes cast); small tensors stored back to back
+    share a buffer, one preadv per buffer."""
+    monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
+    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 1024)
+    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 4096)
+    monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
+    path, a = _staged_checkpoint(tmp_path)
+    cases = _staged_cases(a)
+    reads = []  # (offset, bytes)
+    original = safetensors_io.preadv_fully
+    monkeypatch.setattr(
+        safetensors_io,
+        "preadv_fully",
+        lambda fd, views, offset, path: (
+            reads.append((offset, sum(map(len, views)))) or original(fd, views, offset, path)
+        ),
+    )
+    got = _read_cases([path], cases, "cpu")
+    for name, (_, want) in cases.items():
+        assert torch.equal(got[name], want), name
+    header = read_header(path)
+    small = [e for e in header.tensors if e.name.startswith("n")]
+    start, end = small[0].start, small[-1].end
+    assert end - start == 100 * 128  # stored back to back
+    in_small = sorted(r for r in reads if start <= r[0] < end)
+    assert len(in_small) == 13  # 12800 bytes in 1 KiB buffers, not 100 reads
+    assert sum(n for _, n in in_small) == end - start
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("stage_bytes", [1024, None])
+def test_read_into_cuda_tensors(tmp_path, monkeypatch, stage_bytes):
+    """CUDA parameters get the checkpoint's exact values through pinned buffers and
+    asynchronous copies: whole tensors, row and column slices, a 3-D box, casts to
+    another dtype; with small buffers (many turns of each) and the real size."""
+    if stage_bytes:
+        monkeypatch.setattr(safetensors_io, "STAGE_BYTES", stage_bytes)
+    monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
+    path, a = _staged_checkpoint(tmp_path)
+    cases = _staged_cases(a)
+    got = _read_cases([path], cases, "cuda")
+    for name, (_, want) in cases.items():
+        assert torch.equal(got[name], want), name
+    # Without a pool (``[:]`` and a plain file): on the device on return.
+    with SafetensorsFile(path) as f:
+        dst = torch.empty(40, 30, device="cuda")
+        f.get_slice("cols").narrow(1, 20, 30).read_into(dst)
+        assert torch.equal(dst.cpu(), a["cols"][:, 20:50])
+
+
 def test_queued_read_error_surfaces_when_the_iterator_ends(tmp_path, monkeypatch):
     """A read that fails on a pool thread (file truncated meanwhile) is raised, naming
     the file, by the loop over the weights, not lost."""
@@ -584,10 +679,14 @@ def tiny_llama(tmp_path_factory):
     return make_model("llama", str(tmp_path_factory.mktemp("llama")), vocab_size=256)
 
 
-def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch):
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "staged"])
+def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch, staged):
     """LLM(...) logs "Loading weights took ..., read ... GB at ... GB/s"; at TP=1 the
-    bytes it reports are the checkpoint's tensor data, each byte read once."""
+    bytes it reports are the checkpoint's tensor data, each byte read once. ``staged``:
+    the reads go the way of a CUDA model's (staging buffers)."""
     from vllm import LLM
+
+    monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", staged)
 
     reported = []
     original = loader_module.log_weights_loaded

@@ -59,9 +59,11 @@ def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
             f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
             f"the model expects {tuple(dst.shape)}."
         )
-    direct = dst.is_cpu and dst.dtype == w.dtype and dst.is_contiguous()
+    # Straight from the file into the parameter; on CUDA through pinned buffers, cast on
+    # the device if the dtypes differ.
+    direct = dst.is_contiguous() and (dst.is_cuda or (dst.is_cpu and dst.dtype == w.dtype))
     if direct and hasattr(w, "read_into"):
-        w.read_into(dst)  # straight from the file into the parameter
+        w.read_into(dst)
     else:
         dst.copy_(materialize(w))
 

@@ -10,7 +10,8 @@ parallel. The per-window CRC-32s of a file are combined in file order
 
 Destinations that are not plain CPU memory (a CUDA tensor) are read into a pinned staging
 buffer of the thread and copied with ``non_blocking=True`` on the thread's own stream;
-each thread alternates between two staging buffers, so the next read overlaps the copy.
+each thread alternates between two staging buffers, so the next read overlaps the copy
+(``safetensors_io.CudaStaging``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ from zlib_ng import zlib_ng
 
 from vllm.model_executor.model_loader.safetensors_io import (
     IOV_MAX,
+    STAGE_BYTES,
+    CudaStaging,
     FileHeader,
     ShardFileError,
     open_for_read,
     preadv_fully,
 )
 
-WINDOW = 16 << 20
+WINDOW = STAGE_BYTES  # a window fits one staging buffer
 _MAX_THREADS = 8
 
 
@@ -113,11 +116,7 @@ def _windows(index: int, file: _File, pieces: list[_Piece]) -> list[_Window]:
 
 class _ThreadState(threading.local):
     def __init__(self) -> None:
-        self.scratch: torch.Tensor | None = None
-        self.staging: list[torch.Tensor] = []
-        self.events: list = []
-        self.stream = None
-        self.turn = 0
+        self.scratch: torch.Tensor | None = None  # bytes only the checksum reads
 
 
 class ParallelReader:
@@ -126,6 +125,7 @@ class ParallelReader:
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads or default_num_threads()
         self._local = _ThreadState()
+        self._staging = CudaStaging()
 
     def read(
         self,
@@ -195,9 +195,8 @@ class ParallelReader:
     def _read_window(self, files: list[_File], window: _Window) -> tuple[int, int]:
         """Read one window; returns (bytes read, CRC-32 of the window or 0)."""
         file = files[window.file]
-        local = self._local
-        staged = any(p.dst is not None and p.dst.device.type != "cpu" for p in window.pieces)
-        staging = self._staging_buffer() if staged else None
+        staged = [p for p in window.pieces if p.dst is not None and not p.dst.is_cpu]
+        staging = self._staging.buffer(staged[0].dst.device) if staged else None
         crc = 0
         nbytes = 0
         run: list[tuple[_Piece, memoryview]] = []
@@ -213,19 +212,13 @@ class ParallelReader:
             for piece in window.pieces:
                 crc = zlib_ng.crc32(self._buffer_for(piece, window, staging), crc)
         if staged:
-            stream = local.stream
-            with torch.cuda.stream(stream):
-                for piece in window.pieces:
-                    if piece.dst is not None and piece.dst.device.type != "cpu":
-                        a, b = piece.start - window.start, piece.end - window.start
-                        piece.dst.copy_(staging[a:b], non_blocking=True)
-                local.events[local.turn].record(stream)
-            local.turn ^= 1
+            start = window.start
+            self._staging.copy([(p.dst, staging[p.start - start : p.end - start]) for p in staged])
         return nbytes, crc
 
     def _buffer_for(self, piece: _Piece, window: _Window, staging: torch.Tensor | None):
         a, b = piece.start - window.start, piece.end - window.start
-        if piece.dst is not None and piece.dst.device.type == "cpu":
+        if piece.dst is not None and piece.dst.is_cpu:
             return memoryview(piece.dst.numpy())
         if piece.dst is not None:
             return memoryview(staging[a:b].numpy())
@@ -233,16 +226,6 @@ class ParallelReader:
         if local.scratch is None:
             local.scratch = torch.empty(WINDOW, dtype=torch.uint8)
         return memoryview(local.scratch[a:b].numpy())
-
-    def _staging_buffer(self) -> torch.Tensor:
-        """This thread's next pinned staging buffer, once its previous copy has finished."""
-        local = self._local
-        if not local.staging:
-            local.staging = [torch.empty(WINDOW, dtype=torch.uint8, pin_memory=True) for _ in "ab"]
-            local.events = [torch.cuda.Event() for _ in "ab"]
-            local.stream = torch.cuda.Stream()
-        local.events[local.turn].synchronize()
-        return local.staging[local.turn]
 
     @staticmethod
     def _read_run(file: _File, run: list[tuple[_Piece, memoryview]]) -> int:

@@ -64,6 +64,11 @@ _TASK_BYTES = 16 << 20
 # shorter than a page, the rank's columns touch every page of the tensor anyway.
 _SMALL_TENSOR_BYTES = 1 << 20
 _scratch = threading.local()
+# Reads bound for a CUDA tensor go through pinned host buffers of this size (CudaStaging).
+STAGE_BYTES = 16 << 20
+# Tests set this to send reads into CPU tensors the way of CUDA ones (``stage_run``,
+# ``stage_box``), so that path is checked without a GPU.
+_STAGE_CPU_READS = False
 # Written files' data starts at a multiple of this (the header is padded with spaces).
 PAGE_SIZE = mmap.PAGESIZE
 
@@ -73,6 +78,8 @@ class ShardFileError(ValueError):
 
 
 Box = tuple[tuple[int, int], ...]  # a tensor's (start, end) along each dim
+# How to read bytes as a tensor and which box of it to take: (dtype, shape, box).
+Arrange = tuple[torch.dtype, tuple[int, ...], Box]
 
 
 class TensorEntry(NamedTuple):  # a NamedTuple: built per tensor, 4x cheaper than a dataclass
@@ -384,6 +391,35 @@ def map_file(header: FileHeader) -> dict[str, torch.Tensor]:
     return out
 
 
+def _box_reads(
+    offset: int, dtype: torch.dtype, shape: tuple[int, ...], box: Box, dst: torch.Tensor
+) -> Iterator[StagedRead]:
+    """Staged reads that put ``box`` of the tensor stored at ``offset`` into ``dst``:
+    as many whole rows of the first dim as fit a staging buffer per read, or, where one
+    row does not fit, each row's own box."""
+    row = dtype.itemsize * math.prod(shape[1:])
+    a, b = box[0]
+    if row > STAGE_BYTES:
+        for i in range(a, b):
+            yield from _box_reads(offset + i * row, dtype, shape[1:], box[1:], dst[i - a])
+        return
+    step = STAGE_BYTES // row
+    for r in range(a, b, step):
+        n = min(step, b - r)
+        rows = (n, *shape[1:])
+        yield offset + r * row, n * row, dst[r - a : r - a + n], (dtype, rows, ((0, n), *box[1:]))
+
+
+def copy_out(
+    src: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], box: Box, dst: torch.Tensor
+) -> None:
+    """``dst.copy_(box of the tensor of dtype and shape whose bytes src holds)``."""
+    src = src.view(dtype).view(shape)
+    for dim, (a, b) in enumerate(box):
+        src = src.narrow(dim, a, b - a)
+    dst.copy_(src)
+
+
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, step = [], 1
     for dim in reversed(shape):
@@ -397,6 +433,75 @@ def open_for_read(path: str) -> int:
         return os.open(path, os.O_RDONLY)
     except OSError as e:
         raise ShardFileError(f"Cannot read shard file {path}: {e}") from e
+
+
+# A read bound for a device: (file offset, bytes, destination, None: the bytes as they
+# are into the destination's bytes, or how to copy a box out of them).
+StagedRead = tuple[int, int, torch.Tensor, "Arrange | None"]
+
+
+class CudaStaging(threading.local):
+    """Each thread's way from a file to a CUDA device: two pinned host buffers of
+    ``STAGE_BYTES`` used in turn and a stream of its own, so a thread reads into one
+    buffer while the copy out of the other runs (``copy(..., non_blocking=True)`` from
+    pinned memory does not wait for the device). Whoever copies on these streams
+    synchronizes the device before the destinations are used.
+
+    For a CPU device (tests of the read plans without a GPU) the buffers are plain
+    memory and the copies synchronous."""
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None
+        self.buffers: list[torch.Tensor] = []
+        self.events: list = []
+        self.stream = None
+        self.turn = 0
+        self.scratch: torch.Tensor | None = None  # device bytes, for copies that rearrange
+
+    def buffer(self, device: torch.device) -> torch.Tensor:
+        """This thread's next buffer for ``device``, once its last copy has finished."""
+        if device != self.device:
+            if self.stream is not None:
+                self.stream.synchronize()  # the old buffers' copies, before they go
+            cuda = device.type == "cuda"
+            self.buffers = [torch.empty(STAGE_BYTES, dtype=torch.uint8, pin_memory=cuda)
+                            for _ in range(2)]  # fmt: skip
+            self.events = [torch.cuda.Event() for _ in range(2)] if cuda else []
+            self.stream = torch.cuda.Stream(device) if cuda else None
+            self.device, self.turn, self.scratch = device, 0, None
+        if self.events:
+            self.events[self.turn].synchronize()
+        return self.buffers[self.turn]
+
+    def copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """``dst.copy_(src)`` for each pair on this thread's stream, every ``src`` in the
+        buffer ``buffer()`` last returned; it is handed out again once they are done."""
+        with torch.cuda.stream(self.stream):  # None: the CPU, nothing to switch
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            if self.events:
+                self.events[self.turn].record(self.stream)
+        self.turn ^= 1
+
+    def copy_rearranged(self, src: torch.Tensor, arrange: Arrange, dst: torch.Tensor) -> None:
+        """``dst.copy_(box of the tensor whose bytes src holds)``, ``src`` in the buffer
+        ``buffer()`` last returned: the bytes go to the device as they are, into a device
+        buffer of this thread, and the box is copied out of that on the device."""
+        if self.stream is None:
+            copy_out(src, *arrange, dst)
+            self.turn ^= 1
+            return
+        if self.scratch is None:
+            with torch.cuda.stream(self.stream):  # its memory belongs to this stream
+                self.scratch = torch.empty(STAGE_BYTES, dtype=torch.uint8, device=self.device)
+        on_device = self.scratch[: len(src)]
+        self.copy([(on_device, src)])
+        with torch.cuda.stream(self.stream):  # after that copy; the next one waits for it
+            copy_out(on_device, *arrange, dst)
+
+
+# The pool threads' staging (a thread's buffers go with the thread).
+_staging = CudaStaging()
 
 
 class ReadStats:
@@ -428,7 +533,9 @@ class SafetensorsFile:
         # The task being gathered: file runs and mapped copies, and their bytes.
         self._runs: list[tuple[int, memoryview]] = []
         self._copies: list[tuple[TensorEntry, tuple, torch.Tensor]] = []
+        self._staged: list[StagedRead] = []  # reads bound for a CUDA tensor
         self._gathered = 0
+        self._devices: set[torch.device] = set()  # where staged copies went
         self._entries = {e.name: e for e in self.header.tensors}
         # Byte views of the destinations' storages, by address: one per storage, sliced
         # per tensor (a model in its weight block has one storage for every parameter).
@@ -483,6 +590,63 @@ class SafetensorsFile:
             self._copies.append((entry, box, dst))
             self._gather(dst.nbytes)
 
+    def stage_run(self, offset: int, dst: torch.Tensor, wait: bool = False) -> None:
+        """Read ``dst.numel()`` bytes at file ``offset`` into ``dst``, a 1-D uint8 tensor on
+        a CUDA device, through pinned buffers (``CudaStaging``); queued for the pool
+        unless ``wait``."""
+        n = dst.numel()
+        reads = [(offset + a, min(STAGE_BYTES, n - a), dst[a : a + STAGE_BYTES], None)
+                 for a in range(0, n, STAGE_BYTES)]  # fmt: skip
+        self._stage(reads, dst.device, wait)
+
+    def stage_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor, wait: bool = False):
+        """Copy ``box`` of ``entry`` into ``dst``, a contiguous tensor on a CUDA device (of
+        any dtype): the rows of the first dim that the box spans go through pinned
+        buffers to the device, where the box is copied out of them (and cast)."""
+        reads = list(_box_reads(entry.start, entry.dtype, entry.shape, box, dst))
+        self._stage(reads, dst.device, wait)
+
+    def _stage(self, reads: list[StagedRead], device: torch.device, wait: bool) -> None:
+        self._devices.add(device)
+        for read in reads:
+            self.stats.bytes_read += read[1]
+        if self.pool is None or wait:
+            staging = CudaStaging()  # gone on return: no pinned memory kept by this thread
+            self._run_staged(reads, staging)
+            if staging.stream is not None:
+                staging.stream.synchronize()
+            return
+        for read in reads:
+            self._staged.append(read)
+            self._gather(read[1])
+
+    def _run_staged(self, reads: list[StagedRead], staging: CudaStaging) -> None:
+        """One preadv into a staging buffer per read, or per run of reads that follow each
+        other in the file and fit one buffer together; then their copies."""
+        i = 0
+        while i < len(reads):
+            offset, nbytes, dst, arrange = reads[i]
+            group = [reads[i]]
+            i += 1
+            while arrange is None and i < len(reads):
+                nxt = reads[i]
+                joins = nxt[3] is None and nxt[0] == offset + nbytes and nxt[2].device == dst.device
+                if not joins or nbytes + nxt[1] > STAGE_BYTES:
+                    break
+                group.append(nxt)
+                nbytes += nxt[1]
+                i += 1
+            buf = staging.buffer(dst.device)[:nbytes]
+            preadv_fully(self.fd, [memoryview(buf.numpy())], offset, self.path)
+            if arrange is not None:
+                staging.copy_rearranged(buf, arrange, dst)
+                continue
+            pairs, pos = [], 0
+            for _, n, d, _ in group:
+                pairs.append((d, buf[pos : pos + n]))
+                pos += n
+            staging.copy(pairs)
+
     def _gather(self, nbytes: int) -> None:
         self._gathered += nbytes
         if self._gathered >= _TASK_BYTES or len(self._runs) >= IOV_MAX:
@@ -490,15 +654,17 @@ class SafetensorsFile:
 
     def submit(self) -> None:
         """Hand the reads and copies gathered so far to the pool (``wait`` does too)."""
-        if self._runs or self._copies:
-            runs, copies = self._runs, self._copies
-            self._runs, self._copies, self._gathered = [], [], 0
-            self._pending.append(self.pool.submit(self._run_task, runs, copies))
+        if self._runs or self._copies or self._staged:
+            runs, copies, staged = self._runs, self._copies, self._staged
+            self._runs, self._copies, self._staged, self._gathered = [], [], [], 0
+            self._pending.append(self.pool.submit(self._run_task, runs, copies, staged))
 
-    def _run_task(self, runs: list[tuple[int, memoryview]], copies: list) -> None:
+    def _run_task(self, runs: list[tuple[int, memoryview]], copies: list, staged: list) -> None:
         self._read(runs)
         for entry, box, dst in copies:
             self._copy_box(entry, box, dst)
+        if staged:
+            self._run_staged(staged, _staging)
 
     def _copy_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
         nbytes = entry.end - entry.start
@@ -508,24 +674,16 @@ class SafetensorsFile:
                 scratch = _scratch.buffer = torch.empty(_SMALL_TENSOR_BYTES, dtype=torch.uint8)
             src = scratch[:nbytes]
             preadv_fully(self.fd, [memoryview(src.numpy())], entry.start, self.path)
-            self._copy_out(src, entry, box, dst)
+            copy_out(src, entry.dtype, entry.shape, box, dst)
             return
         first = entry.start - entry.start % mmap.PAGESIZE
         mapped = mmap.mmap(self.fd, entry.end - first, offset=first, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         try:
-            self._copy_out(torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :],
-                           entry, box, dst)  # fmt: skip
+            copy_out(torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :],
+                     entry.dtype, entry.shape, box, dst)  # fmt: skip
         finally:
-            mapped.close()  # the views of it are gone with _copy_out's frame
-
-    @staticmethod
-    def _copy_out(src: torch.Tensor, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
-        """``dst.copy_(box of the tensor whose bytes src holds)``."""
-        src = src.view(entry.dtype).view(entry.shape)
-        for dim, (a, b) in enumerate(box):
-            src = src.narrow(dim, a, b - a)
-        dst.copy_(src)
+            mapped.close()  # the views of it are gone with copy_out's frame
 
     def _read(self, runs: list[tuple[int, memoryview]]) -> None:
         """Runs that follow each other in the file (tensors stored back to back) are
@@ -546,6 +704,10 @@ class SafetensorsFile:
             self.submit()
         pending, self._pending = self._pending, []
         futures.wait(pending)  # all of them, so none still reads after an error
+        for device in self._devices:  # the pool threads' copies, on their own streams
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        self._devices.clear()
         for f in pending:
             f.result()
 
@@ -612,16 +774,24 @@ class TensorSlice:
         return out
 
     def read_into(self, dst: torch.Tensor, wait: bool = False) -> None:
-        """Read the box into ``dst``: a contiguous CPU tensor of its shape and dtype. If
-        the file has a pool, the bytes are in place after its ``wait()``, else (or with
-        ``wait``) on return."""
-        if not (dst.is_cpu and dst.dtype == self.dtype and dst.is_contiguous()):
-            raise ValueError("read_into needs a contiguous CPU tensor of the slice's dtype.")
+        """Read the box into ``dst``: a contiguous tensor of its shape, on the CPU of its
+        dtype, or on a CUDA device of any dtype (through pinned buffers, ``CudaStaging``;
+        another dtype is cast on the device). If the file has a pool, the bytes are in
+        place after its ``wait()``, else (or with ``wait``) on return."""
+        staged = dst.is_cuda or (dst.is_cpu and _STAGE_CPU_READS)
+        if not (dst.is_contiguous() and (staged or (dst.is_cpu and dst.dtype == self.dtype))):
+            raise ValueError(
+                "read_into needs a contiguous tensor: on the CPU of the slice's dtype "
+                f"({self.dtype}), or on a CUDA device; got {dst.dtype} on {dst.device}."
+            )
         if dst.shape != self.shape:
             raise ValueError(f"read_into: {list(dst.shape)} != slice {self.get_shape()}.")
         file, entry, box = self.file, self.entry, self.box
         if file.fd < 0:
             raise ShardFileError(f"{file.path} was closed before {entry.name} was read.")
+        if staged and dst.dtype != self.dtype:  # the bytes as stored to the device, cast there
+            file.stage_box(entry, box, dst, wait=wait)
+            return
         # The box is one contiguous run of the file when only the first dim is narrowed
         # (rows), or more generally when every dim before the last narrowed one has
         # length 1: one read straight into dst.
@@ -630,10 +800,16 @@ class TensorSlice:
             if dst.numel() and any(b - a > 1 for a, b in box[:cut]):
                 # Many runs (e.g. a column range of every row of a row-parallel weight): a
                 # read per run would cost a syscall and Python work per row.
-                file.copy_box(entry, box, dst, wait=wait)
+                if staged:
+                    file.stage_box(entry, box, dst, wait=wait)
+                else:
+                    file.copy_box(entry, box, dst, wait=wait)
                 return
         offset = entry.start
         for i, (a, _) in enumerate(box):  # the box's first element, row-major
             if a:
                 offset += a * self.dtype.itemsize * math.prod(entry.shape[i + 1 :])
-        file.read_run(offset, file.byte_view(dst), wait=wait)
+        if staged:
+            file.stage_run(offset, dst.view(-1).view(torch.uint8), wait=wait)
+        else:
+            file.read_run(offset, file.byte_view(dst), wait=wait)
