@@ -712,7 +712,7 @@ def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch, staged)
     state = load_file(os.path.join(tiny_llama, "model.safetensors"))
     model = llm.llm_engine.model_executor.driver_worker.model
     # Linear weights may be packed for the CPU (mkldnn) after loading: compare them dense.
-    params = {k: p.to_dense() if p.is_mkldnn else p for k, p in model.named_parameters()}
+    params = {k: (p.to_dense() if p.is_mkldnn else p).cpu() for k, p in model.named_parameters()}
     for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]:
         assert torch.equal(params[name], state[name]), name
     prefix = "model.layers.1.self_attn."

@@ -7,6 +7,12 @@ import random
 import torch
 
 
+def device_for(tp: int = 1) -> str:
+    """Where the tests run an engine of ``tp`` ranks: on CUDA where this machine has a GPU
+    per rank (so a GPU machine runs the CUDA paths), else on the CPU (``gloo``)."""
+    return "cuda" if torch.cuda.device_count() >= tp else "cpu"
+
+
 def random_prompts(
     num: int, vocab_size: int, min_len: int = 3, max_len: int = 24, seed: int = 0
 ) -> list[list[int]]:

@@ -18,11 +18,14 @@ import psutil
 import pytest
 
 from tests.distributed import worker_fns
+from tests.utils import device_for
 from vllm import LLM, SamplingParams
 from vllm.executor import multiproc_executor
 from vllm.testing import make_model
 
-ENGINE_ARGS = dict(dtype="float32", max_model_len=512, num_gpu_blocks_override=256)
+ENGINE_ARGS = dict(
+    dtype="float32", max_model_len=512, num_gpu_blocks_override=256, device=device_for(2)
+)
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [3, 4, 5, 6, 7, 8, 9], [20, 21]]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -166,7 +169,7 @@ _SCRIPT = textwrap.dedent(
 
     if __name__ == "__main__":
         llm = LLM(model=sys.argv[1], tensor_parallel_size=2, dtype="float32",
-                  max_model_len=512, num_gpu_blocks_override=256)
+                  max_model_len=512, num_gpu_blocks_override=256, device=sys.argv[3])
         executor = llm.llm_engine.model_executor
         port = int(executor.distributed_init_method.rsplit(":", 1)[1])
         print(json.dumps({"pids": executor.worker_pids, "port": port}), flush=True)
@@ -184,7 +187,7 @@ def test_workers_exit_with_the_engine_process(model_dir, tmp_path, how):
     script = tmp_path / "engine_script.py"
     script.write_text(_SCRIPT)
     proc = subprocess.run(
-        [sys.executable, str(script), model_dir, how],
+        [sys.executable, str(script), model_dir, how, ENGINE_ARGS["device"]],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,11 +8,14 @@ import os
 import pytest
 
 from tests.distributed import worker_fns
+from tests.utils import device_for
 from vllm import LLM, SamplingParams
 from vllm.executor import multiproc_executor
 from vllm.testing import make_model
 
-ENGINE_ARGS = dict(dtype="float32", max_model_len=512, num_gpu_blocks_override=256)
+ENGINE_ARGS = dict(
+    dtype="float32", max_model_len=512, num_gpu_blocks_override=256, device=device_for(2)
+)
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [3, 4, 5, 6, 7, 8, 9], [20, 21]]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 

@@ -1,10 +1,11 @@
-"""Greedy tokens at tensor_parallel_size=N equal N=1 and transformers (CPU, gloo)."""
+"""Greedy tokens at tensor_parallel_size=N equal N=1 and transformers (on the CPU with
+gloo, unless the machine has a GPU for every rank of every case)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.utils import hf_greedy, random_prompts
+from tests.utils import device_for, hf_greedy, random_prompts
 from vllm import LLM, SamplingParams
 from vllm.testing import make_model
 
@@ -38,6 +39,7 @@ CASES = [
     ("gpt_bigcode", 4),  # 1 KV head replicated over 4 ranks
     ("llama-9heads", 3),
 ]
+DEVICE = device_for(max(tp for _, tp in CASES))  # TP=1 and TP=N on the same device
 
 
 def _run(path: str, prompts, tp: int):
@@ -47,6 +49,7 @@ def _run(path: str, prompts, tp: int):
         dtype="float32",
         max_model_len=128,
         tensor_parallel_size=tp,
+        device=DEVICE,
         distributed_executor_backend=backend,
         num_gpu_blocks_override=64,
     )

@@ -29,6 +29,7 @@ def _load(path: str, tp: int) -> tuple[list[int], list[int]]:
         model=path,
         tensor_parallel_size=tp,
         distributed_executor_backend="mp",  # TP=1 in a worker process too, for a fair baseline
+        device="cpu",  # the parameters in host memory, as the RSS measures
         dtype="float32",
         max_model_len=64,
         num_gpu_blocks_override=4,

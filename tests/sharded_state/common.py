@@ -7,6 +7,7 @@ import os
 
 from safetensors import safe_open
 
+from tests.utils import device_for
 from vllm import LLM, SamplingParams
 
 # arch -> vocabulary size (GPT-2's is odd, so padded vocabulary rows are exercised)
@@ -19,6 +20,7 @@ def make_llm(model: str, tp: int = 1, **kwargs) -> LLM:
     return LLM(
         model=model,
         dtype=kwargs.pop("dtype", "float32"),
+        device=kwargs.pop("device", device_for(tp)),
         max_model_len=128,
         num_gpu_blocks_override=64,
         tensor_parallel_size=tp,

@@ -7,6 +7,7 @@ would cost memory (weights repacked after loading) or cannot check checksums.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import zlib
@@ -15,12 +16,14 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.sharded_state import worker_fns
-from tests.sharded_state.common import ARCHS, greedy, make_llm, shutdown
+from tests.sharded_state import common, worker_fns
+from tests.sharded_state.common import ARCHS, greedy, shutdown
 from tests.utils import random_prompts
 from vllm.entrypoints.save_sharded_state import copy_metadata_files
 from vllm.model_executor.model_loader import sharded_state_loader
 from vllm.model_executor.model_loader.safetensors_io import PAGE_SIZE, read_header_json
+
+make_llm = functools.partial(common.make_llm, device="cpu")  # mapping is for CPU weights
 
 
 def mapped_shards(worker) -> list[str]:

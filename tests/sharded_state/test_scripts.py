@@ -12,12 +12,14 @@ import sys
 import pytest
 
 from tests.sharded_state.common import greedy, make_llm, shard_files, shutdown
-from tests.utils import random_prompts
+from tests.utils import device_for, random_prompts
 from vllm.entrypoints.cli.main import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join("examples", "offline_inference", "save_sharded_state.py")
-ENGINE_FLAGS = ["--max-model-len", "128", "--num-gpu-blocks-override", "64", "--dtype", "float32"]
+DEVICE = device_for(2)  # every engine here on one device, as the tokens are compared
+ENGINE_FLAGS = ["--max-model-len", "128", "--num-gpu-blocks-override", "64", "--dtype", "float32",
+                "--device", DEVICE]  # fmt: skip
 PROMPTS = random_prompts(3, 1000, max_len=10)
 
 
@@ -40,7 +42,7 @@ def model_with_extras(model_dirs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_tokens(model_dirs):
-    llm = make_llm(model_dirs("llama"))
+    llm = make_llm(model_dirs("llama"), device=DEVICE)
     tokens = greedy(llm, PROMPTS)
     shutdown(llm)
     return tokens
@@ -105,7 +107,8 @@ def test_cli_save_sharded_state(model_with_extras, reference_tokens, tmp_path):
     )
     _check_copied(out)
     assert list(shard_files(out)) == ["cli-0-0.safetensors"]
-    llm = make_llm(out, load_format="sharded_state")  # the manifest supplies the pattern
+    # The manifest supplies the pattern.
+    llm = make_llm(out, load_format="sharded_state", device=DEVICE)
     assert greedy(llm, PROMPTS) == reference_tokens
     shutdown(llm)
 
