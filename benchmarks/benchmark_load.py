@@ -393,6 +393,11 @@ METHODS = [  # (label, task, extra spec, which directory)
 ]
 
 
+def progress(line: str) -> None:
+    """A line on stderr as each measurement ends (the tables come at the end)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def span(results: list[dict], key: str | None = None) -> float:
     rs = [r[key] for r in results] if key else results
     return max(r["end"] for r in rs) - min(r["start"] for r in rs)
@@ -416,6 +421,8 @@ def measure_loads(
                 else:
                     warm(weight_files(model))
                 res = run_ranks(task, tp, model=model, **extra)
+                progress(f"{label} TP={tp} {'cold' if cold else 'warm'} {name}: "
+                         f"{span(res):.2f} s")  # fmt: skip
                 runs.setdefault((tp, name), []).append(
                     dict(
                         seconds=span(res),
@@ -552,6 +559,7 @@ def main() -> None:
                 sharded[tp] = os.path.join(tmp, f"{label}-tp{tp}")
                 scratch = os.path.join(tmp, "scratch")
                 res = run_ranks("save", tp, model=hf, out=sharded[tp], scratch=scratch)
+                progress(f"{label} TP={tp} saved")
                 copy_metadata_files(hf, sharded[tp])
                 save_rows.append((label, tp, res))
             load_rows += measure_loads(label, hf, sharded, args.tp, False, args.repeats)
