@@ -247,16 +247,17 @@ def nd_file(tmp_path):
     return path, tensors
 
 
-@pytest.fixture(params=["mapped", "small", "staged"])
+@pytest.fixture(params=["mapped", "small", "staged", "staged_mapped"])
 def strided_path(request, monkeypatch) -> str:
     """Run a test with strided slices copied out of a mapping (every tensor counts as
     large), then with the small-tensor path (the whole tensor read into a scratch buffer;
     every tensor of these tests is small), then with every read going the way of a CUDA
     destination (staging buffers of 64 bytes: runs cut and joined again, rows of more
-    than a buffer each read on their own)."""
-    if request.param == "mapped":
+    than a buffer each read on their own), small tensors, then large ones (strided
+    slices copied into the buffers out of mappings)."""
+    if request.param == "mapped" or request.param == "staged_mapped":
         monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
-    if request.param == "staged":
+    if request.param.startswith("staged"):
         monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
         monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 64)
     return request.param
@@ -266,7 +267,7 @@ def _check_bytes_taken(taken: int, want: torch.Tensor, full: torch.Tensor, path:
     """What reading ``want`` (a narrow of ``full``) costs: its own bytes when it is one run
     of memory (or the mapped path copies it), else the whole small tensor; staged, the
     rows it spans (at most the tensor)."""
-    if want.is_contiguous() or path == "mapped":
+    if want.is_contiguous() or path.endswith("mapped"):
         assert taken == want.nbytes
     elif path == "small":
         assert taken == full.nbytes
@@ -604,11 +605,15 @@ def _staged_checkpoint(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
     return path, a
 
 
-def test_staged_reads_through_the_pool(tmp_path, monkeypatch):
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+def test_staged_reads_through_the_pool(tmp_path, monkeypatch, large):
     """The way of a CUDA destination, checked on the CPU: reads queued on three threads
     through staging buffers of 1 KiB land intact (runs cut over buffers, column slices
-    rearranged from whole rows, other dtypes cast); small tensors stored back to back
-    share a buffer, one preadv per buffer."""
+    rearranged from whole rows, other dtypes cast; with every tensor counted large,
+    column slices copied into the buffers out of mappings); small tensors stored back
+    to back share a buffer, one preadv per buffer."""
+    if large:
+        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
     monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
     monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 1024)
     monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 4096)
@@ -637,11 +642,15 @@ def test_staged_reads_through_the_pool(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 @pytest.mark.parametrize("stage_bytes", [1024, None])
-def test_read_into_cuda_tensors(tmp_path, monkeypatch, stage_bytes):
+def test_read_into_cuda_tensors(tmp_path, monkeypatch, stage_bytes, large):
     """CUDA parameters get the checkpoint's exact values through pinned buffers and
     asynchronous copies: whole tensors, row and column slices, a 3-D box, casts to
-    another dtype; with small buffers (many turns of each) and the real size."""
+    another dtype; with small buffers (many turns of each) and the real size; strided
+    slices of small tensors rearranged on the device, of large ones on the host."""
+    if large:
+        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
     if stage_bytes:
         monkeypatch.setattr(safetensors_io, "STAGE_BYTES", stage_bytes)
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")

@@ -392,22 +392,30 @@ def map_file(header: FileHeader) -> dict[str, torch.Tensor]:
 
 
 def _box_reads(
-    offset: int, dtype: torch.dtype, shape: tuple[int, ...], box: Box, dst: torch.Tensor
+    offset: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    box: Box,
+    dst: torch.Tensor,
+    on_host: bool,
 ) -> Iterator[StagedRead]:
-    """Staged reads that put ``box`` of the tensor stored at ``offset`` into ``dst``:
-    as many whole rows of the first dim as fit a staging buffer per read, or, where one
-    row does not fit, each row's own box."""
-    row = dtype.itemsize * math.prod(shape[1:])
+    """Staged reads that put ``box`` of the tensor stored at ``offset`` into ``dst``, each
+    for as many indices of the first dim as fit a staging buffer: their whole rows (the
+    box is taken on the device), or with ``on_host`` the box of those rows (taken on the
+    host out of a mapping). Where one index does not fit, each index's own box."""
+    row = dtype.itemsize * math.prod(shape[1:])  # file bytes per index of the first dim
+    staged = dst.element_size() * math.prod(dst.shape[1:]) if on_host else row
     a, b = box[0]
-    if row > STAGE_BYTES:
+    if staged > STAGE_BYTES:
         for i in range(a, b):
-            yield from _box_reads(offset + i * row, dtype, shape[1:], box[1:], dst[i - a])
+            sub = dst[i - a]
+            yield from _box_reads(offset + i * row, dtype, shape[1:], box[1:], sub, on_host)
         return
-    step = STAGE_BYTES // row
+    step = STAGE_BYTES // max(staged, 1)
     for r in range(a, b, step):
         n = min(step, b - r)
-        rows = (n, *shape[1:])
-        yield offset + r * row, n * row, dst[r - a : r - a + n], (dtype, rows, ((0, n), *box[1:]))
+        arrange = (dtype, (n, *shape[1:]), ((0, n), *box[1:]))
+        yield StagedRead(offset + r * row, n * row, dst[r - a : r - a + n], arrange, on_host)
 
 
 def copy_out(
@@ -435,9 +443,22 @@ def open_for_read(path: str) -> int:
         raise ShardFileError(f"Cannot read shard file {path}: {e}") from e
 
 
-# A read bound for a device: (file offset, bytes, destination, None: the bytes as they
-# are into the destination's bytes, or how to copy a box out of them).
-StagedRead = tuple[int, int, torch.Tensor, "Arrange | None"]
+class StagedRead(NamedTuple):
+    """A read bound for a device, through a staging buffer."""
+
+    offset: int  # file bytes [offset, offset + size)
+    size: int
+    dst: torch.Tensor
+    # None: the bytes as they are into dst (a uint8 view); else how to view them and
+    # which box of them goes to dst: taken on the device, or on the host (``on_host``,
+    # out of a mapping of the bytes, into the staging buffer; the bytes are not read).
+    arrange: Arrange | None = None
+    on_host: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it reads (a mapped read: the box's)."""
+        return self.dst.nbytes if self.on_host else self.size
 
 
 class CudaStaging(threading.local):
@@ -595,21 +616,27 @@ class SafetensorsFile:
         a CUDA device, through pinned buffers (``CudaStaging``); queued for the pool
         unless ``wait``."""
         n = dst.numel()
-        reads = [(offset + a, min(STAGE_BYTES, n - a), dst[a : a + STAGE_BYTES], None)
+        reads = [StagedRead(offset + a, min(STAGE_BYTES, n - a), dst[a : a + STAGE_BYTES])
                  for a in range(0, n, STAGE_BYTES)]  # fmt: skip
         self._stage(reads, dst.device, wait)
 
-    def stage_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor, wait: bool = False):
+    def stage_box(
+        self, entry: TensorEntry, box: Box, dst: torch.Tensor, strided: bool, wait: bool = False
+    ) -> None:
         """Copy ``box`` of ``entry`` into ``dst``, a contiguous tensor on a CUDA device (of
-        any dtype): the rows of the first dim that the box spans go through pinned
-        buffers to the device, where the box is copied out of them (and cast)."""
-        reads = list(_box_reads(entry.start, entry.dtype, entry.shape, box, dst))
+        any dtype) through pinned buffers. The rows of the first dim that the box spans
+        go to the device, where the box is copied out of them (and cast); but a
+        ``strided`` box (not one run of the file) of a tensor of more than
+        ``_SMALL_TENSOR_BYTES`` is copied into the buffers out of a mapping of those
+        rows, so only the box's pages are read (a row-parallel rank's columns)."""
+        on_host = strided and entry.end - entry.start > _SMALL_TENSOR_BYTES
+        reads = list(_box_reads(entry.start, entry.dtype, entry.shape, box, dst, on_host))
         self._stage(reads, dst.device, wait)
 
     def _stage(self, reads: list[StagedRead], device: torch.device, wait: bool) -> None:
         self._devices.add(device)
         for read in reads:
-            self.stats.bytes_read += read[1]
+            self.stats.bytes_read += read.nbytes
         if self.pool is None or wait:
             staging = CudaStaging()  # gone on return: no pinned memory kept by this thread
             self._run_staged(reads, staging)
@@ -618,33 +645,42 @@ class SafetensorsFile:
             return
         for read in reads:
             self._staged.append(read)
-            self._gather(read[1])
+            self._gather(read.nbytes)
 
     def _run_staged(self, reads: list[StagedRead], staging: CudaStaging) -> None:
         """One preadv into a staging buffer per read, or per run of reads that follow each
-        other in the file and fit one buffer together; then their copies."""
+        other in the file and fit one buffer together, or a copy out of a mapping; then
+        the copies to the device."""
         i = 0
         while i < len(reads):
-            offset, nbytes, dst, arrange = reads[i]
-            group = [reads[i]]
+            read = reads[i]
+            group = [read]
+            nbytes = read.size
             i += 1
-            while arrange is None and i < len(reads):
+            while read.arrange is None and i < len(reads):
                 nxt = reads[i]
-                joins = nxt[3] is None and nxt[0] == offset + nbytes and nxt[2].device == dst.device
-                if not joins or nbytes + nxt[1] > STAGE_BYTES:
+                follows = nxt.arrange is None and nxt.offset == read.offset + nbytes
+                fits = nbytes + nxt.size <= STAGE_BYTES and nxt.dst.device == read.dst.device
+                if not (follows and fits):
                     break
                 group.append(nxt)
-                nbytes += nxt[1]
+                nbytes += nxt.size
                 i += 1
-            buf = staging.buffer(dst.device)[:nbytes]
-            preadv_fully(self.fd, [memoryview(buf.numpy())], offset, self.path)
-            if arrange is not None:
-                staging.copy_rearranged(buf, arrange, dst)
+            if read.on_host:
+                buf = staging.buffer(read.dst.device)[: read.dst.nbytes]
+                host = buf.view(read.dst.dtype).view(read.dst.shape)
+                self._copy_mapped(read.offset, read.offset + read.size, read.arrange, host)
+                staging.copy([(read.dst, host)])
+                continue
+            buf = staging.buffer(read.dst.device)[:nbytes]
+            preadv_fully(self.fd, [memoryview(buf.numpy())], read.offset, self.path)
+            if read.arrange is not None:
+                staging.copy_rearranged(buf, read.arrange, read.dst)
                 continue
             pairs, pos = [], 0
-            for _, n, d, _ in group:
-                pairs.append((d, buf[pos : pos + n]))
-                pos += n
+            for r in group:
+                pairs.append((r.dst, buf[pos : pos + r.size]))
+                pos += r.size
             staging.copy(pairs)
 
     def _gather(self, nbytes: int) -> None:
@@ -676,12 +712,16 @@ class SafetensorsFile:
             preadv_fully(self.fd, [memoryview(src.numpy())], entry.start, self.path)
             copy_out(src, entry.dtype, entry.shape, box, dst)
             return
-        first = entry.start - entry.start % mmap.PAGESIZE
-        mapped = mmap.mmap(self.fd, entry.end - first, offset=first, flags=mmap.MAP_PRIVATE,
+        self._copy_mapped(entry.start, entry.end, (entry.dtype, entry.shape, box), dst)
+
+    def _copy_mapped(self, start: int, end: int, arrange: Arrange, dst: torch.Tensor) -> None:
+        """``copy_out`` of file bytes [start, end) through a private mapping of their
+        pages, closed on return: only the pages the box touches are read."""
+        first = start - start % mmap.PAGESIZE
+        mapped = mmap.mmap(self.fd, end - first, offset=first, flags=mmap.MAP_PRIVATE,
                            prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         try:
-            copy_out(torch.frombuffer(mapped, dtype=torch.uint8)[entry.start - first :],
-                     entry.dtype, entry.shape, box, dst)  # fmt: skip
+            copy_out(torch.frombuffer(mapped, dtype=torch.uint8)[start - first :], *arrange, dst)
         finally:
             mapped.close()  # the views of it are gone with copy_out's frame
 
@@ -789,22 +829,21 @@ class TensorSlice:
         file, entry, box = self.file, self.entry, self.box
         if file.fd < 0:
             raise ShardFileError(f"{file.path} was closed before {entry.name} was read.")
-        if staged and dst.dtype != self.dtype:  # the bytes as stored to the device, cast there
-            file.stage_box(entry, box, dst, wait=wait)
-            return
         # The box is one contiguous run of the file when only the first dim is narrowed
         # (rows), or more generally when every dim before the last narrowed one has
-        # length 1: one read straight into dst.
+        # length 1: one read straight into dst. Else it is many runs (e.g. a column range
+        # of every row of a row-parallel weight), where a read per run would cost a
+        # syscall and Python work per row: one strided copy instead.
+        strided = False
         if box[1:] != self.whole[1:]:
             cut = max(i for i in range(len(box)) if box[i] != self.whole[i])
-            if dst.numel() and any(b - a > 1 for a, b in box[:cut]):
-                # Many runs (e.g. a column range of every row of a row-parallel weight): a
-                # read per run would cost a syscall and Python work per row.
-                if staged:
-                    file.stage_box(entry, box, dst, wait=wait)
-                else:
-                    file.copy_box(entry, box, dst, wait=wait)
-                return
+            strided = dst.numel() > 0 and any(b - a > 1 for a, b in box[:cut])
+        if staged and (strided or dst.dtype != self.dtype):  # cast on the device
+            file.stage_box(entry, box, dst, strided, wait=wait)
+            return
+        if strided:
+            file.copy_box(entry, box, dst, wait=wait)
+            return
         offset = entry.start
         for i, (a, _) in enumerate(box):  # the box's first element, row-major
             if a:
