@@ -489,6 +489,10 @@ class CudaStaging(threading.local):
                             for _ in range(2)]  # fmt: skip
             self.events = [torch.cuda.Event() for _ in range(2)] if cuda else []
             self.stream = torch.cuda.Stream(device) if cuda else None
+            if cuda:
+                # Streams are unordered: the copies start after what the default stream
+                # has queued (e.g. the model's construction initialising a parameter).
+                self.stream.wait_stream(torch.cuda.default_stream(device))
             self.device, self.turn, self.scratch = device, 0, None
         if self.events:
             self.events[self.turn].synchronize()
