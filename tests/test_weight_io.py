@@ -249,12 +249,12 @@ def nd_file(tmp_path):
 
 @pytest.fixture(params=["mapped", "small", "staged", "staged_mapped"])
 def strided_path(request, monkeypatch) -> str:
-    """Run a test with strided slices copied out of a mapping (every tensor counts as
-    large), then with the small-tensor path (the whole tensor read into a scratch buffer;
-    every tensor of these tests is small), then with every read going the way of a CUDA
-    destination (staging buffers of 64 bytes: runs cut and joined again, rows of more
-    than a buffer each read on their own), small tensors, then large ones (strided
-    slices copied into the buffers out of mappings)."""
+    """Run a test for each way a slice is read: "mapped" (strided slices copied out of a
+    mapping; every tensor counts as large), "small" (the whole tensor read into a
+    scratch buffer; every tensor of these tests is small), and the way of a CUDA
+    destination, "staged" and "staged_mapped" (staging buffers of 64 bytes: runs cut
+    and joined again, rows longer than a buffer read one by one; strided slices taken
+    out of whole rows, or for large tensors copied into the buffers out of mappings)."""
     if request.param == "mapped" or request.param == "staged_mapped":
         monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
     if request.param.startswith("staged"):
