@@ -59,11 +59,8 @@ def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
             f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
             f"the model expects {tuple(dst.shape)}."
         )
-    # Straight from the file into the parameter; on CUDA through pinned buffers, cast on
-    # the device if the dtypes differ.
-    direct = dst.is_contiguous() and (dst.is_cuda or (dst.is_cpu and dst.dtype == w.dtype))
-    if direct and hasattr(w, "read_into"):
-        w.read_into(dst)
+    if hasattr(w, "reads_into") and w.reads_into(dst):
+        w.read_into(dst)  # straight from the file into the parameter (see TensorSlice)
     else:
         dst.copy_(materialize(w))
 

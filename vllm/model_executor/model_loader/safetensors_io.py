@@ -89,6 +89,12 @@ class TensorEntry(NamedTuple):  # a NamedTuple: built per tensor, 4x cheaper tha
     start: int  # absolute byte offsets in the file
     end: int
 
+    @property
+    def small(self) -> bool:
+        """Whether a strided slice of it is taken from the whole tensor read, not through
+        a mapping of its pages (``_SMALL_TENSOR_BYTES``)."""
+        return self.end - self.start <= _SMALL_TENSOR_BYTES
+
 
 @dataclass(frozen=True)
 class FileHeader:
@@ -607,8 +613,7 @@ class SafetensorsFile:
         strided copy (queued for the pool unless ``wait``): out of a private mapping of
         the tensor's pages, gone on return; or, for a tensor of at most
         ``_SMALL_TENSOR_BYTES``, out of the whole tensor read into a scratch buffer."""
-        small = entry.end - entry.start <= _SMALL_TENSOR_BYTES
-        self.stats.bytes_read += entry.end - entry.start if small else dst.nbytes
+        self.stats.bytes_read += entry.end - entry.start if entry.small else dst.nbytes
         if self.pool is None or wait:
             self._copy_box(entry, box, dst)
         else:
@@ -633,7 +638,7 @@ class SafetensorsFile:
         ``strided`` box (not one run of the file) of a tensor of more than
         ``_SMALL_TENSOR_BYTES`` is copied into the buffers out of a mapping of those
         rows, so only the box's pages are read (a row-parallel rank's columns)."""
-        on_host = strided and entry.end - entry.start > _SMALL_TENSOR_BYTES
+        on_host = strided and not entry.small
         reads = list(_box_reads(entry.start, entry.dtype, entry.shape, box, dst, on_host))
         self._stage(reads, dst.device, wait)
 
@@ -707,8 +712,8 @@ class SafetensorsFile:
             self._run_staged(staged, _staging)
 
     def _copy_box(self, entry: TensorEntry, box: Box, dst: torch.Tensor) -> None:
-        nbytes = entry.end - entry.start
-        if nbytes <= _SMALL_TENSOR_BYTES:
+        if entry.small:
+            nbytes = entry.end - entry.start
             scratch = getattr(_scratch, "buffer", None)
             if scratch is None:  # one per thread, shared by all files; gone with the thread
                 scratch = _scratch.buffer = torch.empty(_SMALL_TENSOR_BYTES, dtype=torch.uint8)
@@ -817,19 +822,25 @@ class TensorSlice:
         view.read_into(out, wait=True)
         return out
 
+    def reads_into(self, dst: torch.Tensor) -> bool:
+        """Whether ``read_into`` takes ``dst`` (of any shape): a contiguous tensor on the
+        CPU of the slice's dtype, or on a CUDA device of any dtype."""
+        staged = dst.is_cuda or (dst.is_cpu and _STAGE_CPU_READS)
+        return dst.is_contiguous() and (staged or (dst.is_cpu and dst.dtype == self.dtype))
+
     def read_into(self, dst: torch.Tensor, wait: bool = False) -> None:
         """Read the box into ``dst``: a contiguous tensor of its shape, on the CPU of its
         dtype, or on a CUDA device of any dtype (through pinned buffers, ``CudaStaging``;
         another dtype is cast on the device). If the file has a pool, the bytes are in
         place after its ``wait()``, else (or with ``wait``) on return."""
-        staged = dst.is_cuda or (dst.is_cpu and _STAGE_CPU_READS)
-        if not (dst.is_contiguous() and (staged or (dst.is_cpu and dst.dtype == self.dtype))):
+        if not self.reads_into(dst):
             raise ValueError(
                 "read_into needs a contiguous tensor: on the CPU of the slice's dtype "
                 f"({self.dtype}), or on a CUDA device; got {dst.dtype} on {dst.device}."
             )
         if dst.shape != self.shape:
             raise ValueError(f"read_into: {list(dst.shape)} != slice {self.get_shape()}.")
+        staged = not dst.is_cpu or _STAGE_CPU_READS
         file, entry, box = self.file, self.entry, self.box
         if file.fd < 0:
             raise ShardFileError(f"{file.path} was closed before {entry.name} was read.")
