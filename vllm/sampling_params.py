@@ -16,6 +16,17 @@ logger = init_logger(__name__)
 _SAMPLING_EPS = 1e-5
 
 
+class RequestOutputKind(enum.Enum):
+    """What each ``RequestOutput`` of a request carries, as upstream vLLM."""
+
+    # All tokens and text so far, every step.
+    CUMULATIVE = 0
+    # Only the tokens and text new since the request's last output, every step.
+    DELTA = 1
+    # One output, when the request finishes (``LLM.generate``).
+    FINAL_ONLY = 2
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -76,6 +87,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Token ids that end generation: stop_token_ids plus the model's EOS unless ignore_eos.
     # Set by the engine through update_from_generation_config.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False, compare=False)

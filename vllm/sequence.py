@@ -77,6 +77,9 @@ class Sequence:
         )
         self.output_text = ""
         self.stop_reason: int | str | None = None
+        # How much of the output earlier outputs carried (RequestOutputKind.DELTA).
+        self.num_sent_tokens = 0
+        self.num_sent_chars = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

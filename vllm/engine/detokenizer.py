@@ -1,8 +1,12 @@
-"""Output text and stop strings."""
+"""Output text, stop strings, and the part of the text that is safe to stream."""
 
 from __future__ import annotations
 
 from vllm.sequence import Sequence
+
+# Decoding a prefix of the output can end in an unfinished UTF-8 character, shown as
+# U+FFFD until the next token completes it; such a tail is never streamed.
+_REPLACEMENT_CHAR = "\ufffd"
 
 
 class Detokenizer:
@@ -15,6 +19,14 @@ class Detokenizer:
             return ""
         return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
+    def decode(self, seq: Sequence) -> None:
+        """Set ``seq.output_text`` to the text of every output token so far.
+
+        The whole output is decoded, not just the new token, so the text streamed so far
+        is always a prefix of the final text (see ``streamable_text``).
+        """
+        seq.output_text = self._decode(seq, seq.output_token_ids)
+
     def check_stop_strings(self, seq: Sequence, can_stop: bool = True) -> str | None:
         """Decode the output so far; on a stop string, truncate ``output_text`` and return it.
 
@@ -22,13 +34,12 @@ class Detokenizer:
         string generated then is never found later.
         """
         params = seq.sampling_params
-        text = self._decode(seq, seq.output_token_ids)
         # Text searched last step holds no stop string; only one ending in the new tail can.
-        # A trailing U+FFFD is an unfinished character the new token may complete.
-        searched = len(seq.output_text.rstrip("\ufffd"))
-        seq.output_text = text
+        searched = len(seq.output_text.rstrip(_REPLACEMENT_CHAR))
+        self.decode(seq)
         if not can_stop:
             return None
+        text = seq.output_text
         hits = [(text.find(s, max(0, searched - len(s) + 1)), s) for s in params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:
@@ -39,11 +50,11 @@ class Detokenizer:
         )
         return stop
 
-    def output_text(self, seq: Sequence) -> str:
-        """Final text: a stop string or stop token is left out unless asked for."""
+    def finalize(self, seq: Sequence) -> None:
+        """Set the final text: a stop string or stop token is left out unless asked for."""
         params = seq.sampling_params
         if isinstance(seq.stop_reason, str):
-            return seq.output_text
+            return  # check_stop_strings already cut the text at the stop string
         tokens = seq.output_token_ids
         if (
             seq.status.finish_reason == "stop"
@@ -53,4 +64,18 @@ class Detokenizer:
         ):
             tokens = tokens[:-1]
         seq.output_text = self._decode(seq, tokens)
-        return seq.output_text
+
+    @staticmethod
+    def streamable_text(seq: Sequence) -> str:
+        """The part of an unfinished sequence's text that no later token can change.
+
+        Leaves out a trailing unfinished character and, when stop strings are set, the
+        last ``len(longest stop) - 1`` characters, which may yet begin a stop string
+        that is cut from the output.
+        """
+        text = seq.output_text.rstrip(_REPLACEMENT_CHAR)
+        params = seq.sampling_params
+        if params.stop and not params.include_stop_str_in_output:
+            hold = max(len(s) for s in params.stop) - 1
+            text = text[: max(0, len(text) - hold)]
+        return text

@@ -13,11 +13,23 @@ from vllm.config import VllmConfig
 from vllm.core.scheduler import Scheduler
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.detokenizer import Detokenizer
+from vllm.engine.metrics_types import (
+    FinishedRequestStats,
+    IterationStats,
+    SchedulerStats,
+    StatLoggerBase,
+)
 from vllm.executor.executor_base import ExecutorBase
 from vllm.logger import init_logger
 from vllm.outputs import CompletionOutput, Logprob, RequestOutput
-from vllm.sampling_params import SamplingParams
-from vllm.sequence import SampledToken, Sequence, SequenceStatus
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sequence import (
+    ModelRunnerOutput,
+    SampledToken,
+    SchedulerOutput,
+    Sequence,
+    SequenceStatus,
+)
 
 logger = init_logger(__name__)
 
@@ -28,6 +40,11 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
+    output_kind: RequestOutputKind
+    arrival_time: float
+    # When the last step that gave this request tokens ended (None before the first).
+    last_token_time: float | None = None
+    num_generation_tokens: int = 0  # over all its sequences, for stats
 
 
 def get_executor_class(vllm_config: VllmConfig) -> type[ExecutorBase]:
@@ -74,6 +91,7 @@ class LLMEngine:
         self.scheduler = Scheduler(vllm_config.scheduler_config, vllm_config.cache_config)
         self.requests: dict[str, _Request] = {}
         self._seq_counter = itertools.count()
+        self.stat_loggers: list[StatLoggerBase] = []
         # Seconds per start-up phase (from_engine_args adds "config"); logged once ready.
         self.startup_times = {"tokenizer": tokenizer_s, **self.model_executor.startup_times}
         self.startup_times["total"] = time.perf_counter() - start
@@ -161,9 +179,12 @@ class LLMEngine:
             Sequence(next(self._seq_counter), request_id, token_ids, p, now, index=i)
             for i, p in enumerate(self._per_sample_params(params))
         ]
-        self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
         for seq in seqs:
             self.scheduler.add_seq(seq)
+        self.requests[request_id] = _Request(
+            request_id, text, token_ids, seqs, params.output_kind, now
+        )
+        self._record_stats(None)
 
     @staticmethod
     def _per_sample_params(params: SamplingParams) -> list[SamplingParams]:
@@ -199,6 +220,7 @@ class LLMEngine:
         for rid in ids:
             if self.requests.pop(rid, None) is not None:
                 self.scheduler.abort_request(rid)
+        self._record_stats(None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -209,23 +231,51 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return outputs of requests that progressed."""
+        """Run one scheduling step; return outputs of requests that progressed.
+
+        A request whose ``output_kind`` is FINAL_ONLY has an output only when it finishes.
+        """
+        so = self.schedule()
+        if so is None:
+            return []
+        return self.process_model_output(so, self.execute_model(so))
+
+    # The three parts of a step, for engines that run the model elsewhere (AsyncLLMEngine
+    # runs execute_model in a thread). Requests may be added or aborted between them.
+
+    def schedule(self) -> SchedulerOutput | None:
+        """This step's batch, or None when there is nothing to run."""
         so = self.scheduler.schedule()
         if so.is_empty:
             if self.scheduler.has_unfinished_seqs():
                 raise RuntimeError("The scheduler could not schedule any work; this is a bug.")
-            return []
-        runner_output = self.model_executor.execute_model(so)
+            return None
+        return so
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_executor.execute_model(scheduler_output)
+
+    def process_model_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[RequestOutput]:
         touched: dict[str, _Request] = {}
-        for seq, sampled in self.scheduler.update_from_output(so, runner_output):
+        for seq, sampled in self.scheduler.update_from_output(scheduler_output, runner_output):
             self._process_token(seq, sampled)
             touched[seq.request_id] = self.requests[seq.request_id]
+        now = time.monotonic()
+        stats = IterationStats() if self.stat_loggers else None
         outputs = []
         for req in touched.values():
             finished = all(s.is_finished for s in req.seqs)
-            outputs.append(self._make_output(req, finished))
+            if stats is not None:
+                self._update_stats(stats, req, finished, now)
+            req.last_token_time = now
+            if finished or req.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._make_output(req, finished))
             if finished:
                 del self.requests[req.request_id]
+        if stats is not None:
+            self._record_stats(stats)
         return outputs
 
     def _process_token(self, seq: Sequence, sampled: SampledToken) -> None:
@@ -246,6 +296,8 @@ class LLMEngine:
             if stop_str is not None:
                 status = SequenceStatus.FINISHED_STOPPED
                 seq.stop_reason = stop_str
+        elif params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            self.detokenizer.decode(seq)  # text is sent every step
         if status is None and (
             (params.max_tokens is not None and num_out >= params.max_tokens)
             or len(seq) >= self.model_config.max_model_len
@@ -253,19 +305,29 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_LENGTH_CAPPED
         if status is not None:
             self.scheduler.finish_seq(seq, status)
+            self.detokenizer.finalize(seq)
 
     def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
+        delta = req.output_kind is RequestOutputKind.DELTA
         completions = []
         for seq in req.seqs:
-            text = self.detokenizer.output_text(seq) if finished else seq.output_text
-            logprobs = None
-            if seq.logprobs is not None:
-                logprobs = [{t: Logprob(lp) for t, lp in d.items()} for d in seq.logprobs]
+            text = seq.output_text if seq.is_finished else self.detokenizer.streamable_text(seq)
+            token_ids = seq.output_token_ids
+            logprobs = seq.logprobs
+            if delta:
+                text = text[seq.num_sent_chars :]
+                seq.num_sent_chars += len(text)
+                token_ids = token_ids[seq.num_sent_tokens :]
+                if logprobs is not None:
+                    logprobs = logprobs[seq.num_sent_tokens :]
+                seq.num_sent_tokens += len(token_ids)
+            if logprobs is not None:
+                logprobs = [{t: Logprob(lp) for t, lp in d.items()} for d in logprobs]
             completions.append(
                 CompletionOutput(
                     index=seq.index,
                     text=text,
-                    token_ids=seq.output_token_ids,
+                    token_ids=token_ids,
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=logprobs,
                     finish_reason=seq.status.finish_reason,
@@ -275,6 +337,54 @@ class LLMEngine:
         return RequestOutput(
             req.request_id, req.prompt, req.prompt_token_ids, completions, finished
         )
+
+    # ---- stats ----------------------------------------------------------------------------
+
+    def add_logger(self, stat_logger: StatLoggerBase) -> None:
+        """Have ``stat_logger.record`` called after every step and request change."""
+        self.stat_loggers.append(stat_logger)
+
+    def get_scheduler_stats(self) -> SchedulerStats:
+        sched = self.scheduler
+        bm = sched.block_manager
+        running = {s.request_id for s in sched.running}
+        return SchedulerStats(
+            num_running_reqs=len(running),
+            num_waiting_reqs=len({s.request_id for s in sched.waiting} - running),
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+        )
+
+    def _update_stats(
+        self, stats: IterationStats, req: _Request, finished: bool, now: float
+    ) -> None:
+        new_tokens = sum(s.num_output_tokens for s in req.seqs) - req.num_generation_tokens
+        req.num_generation_tokens += new_tokens
+        stats.num_generation_tokens += new_tokens
+        if req.last_token_time is None:
+            stats.num_prompt_tokens += len(req.prompt_token_ids)
+            stats.time_to_first_tokens.append(now - req.arrival_time)
+        else:
+            stats.inter_token_latencies.append(now - req.last_token_time)
+        if finished:
+            stats.finished_requests.append(
+                FinishedRequestStats(
+                    finish_reason=req.seqs[0].status.finish_reason or "abort",
+                    e2e_latency=now - req.arrival_time,
+                    num_prompt_tokens=len(req.prompt_token_ids),
+                    num_generation_tokens=req.num_generation_tokens,
+                )
+            )
+
+    def _record_stats(self, iteration_stats: IterationStats | None) -> None:
+        if not self.stat_loggers:
+            return
+        scheduler_stats = self.get_scheduler_stats()
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(scheduler_stats, iteration_stats)
+
+    def check_health(self) -> None:
+        """Raise if the engine can no longer run steps (e.g. a worker process died)."""
+        self.model_executor.check_health()
 
     def shutdown(self) -> None:
         executor = getattr(self, "model_executor", None)

@@ -13,11 +13,18 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine
 from vllm.logger import init_logger
 from vllm.outputs import RequestOutput
-from vllm.sampling_params import SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
 PromptType = str | list[int] | dict[str, Any]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """A copy of ``params`` whose requests report only when they finish (all generate needs)."""
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
 
 
 class LLM:
@@ -54,9 +61,9 @@ class LLM:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompt_list)
+            params_list = [_final_only(sampling_params)] * len(prompt_list)
         else:
-            params_list = list(sampling_params)
+            params_list = [_final_only(p) for p in sampling_params]
             if len(params_list) != len(prompt_list):
                 raise ValueError(
                     f"Got {len(params_list)} sampling params for {len(prompt_list)} prompts; "

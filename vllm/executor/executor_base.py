@@ -88,6 +88,10 @@ class ExecutorBase(ABC):
             "save_sharded_state", kwargs=dict(path=path, pattern=pattern, max_size=max_size)
         )
 
+    def check_health(self) -> None:
+        """Raise if a worker can no longer run (the engine then fails its requests)."""
+        return None
+
     def shutdown(self) -> None:
         """Release workers; safe to call more than once."""
         return None

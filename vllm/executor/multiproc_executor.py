@@ -275,6 +275,15 @@ class MultiprocExecutor(ExecutorBase):
             self._finalizer = None
         _stop_workers(self.workers, graceful)
 
+    def check_health(self) -> None:
+        if self._closed is not None:
+            raise RuntimeError(f"The workers are no longer running ({self._closed}).")
+        for w in self.workers:
+            if not w.proc.is_alive():
+                reason = f"worker rank {w.rank} {self._death_cause(w)}"
+                self._fail(reason)
+                raise RuntimeError(f"The workers are no longer running ({reason}).")
+
     def shutdown(self) -> None:
         if self._closed is None:
             self._closed = "the executor was shut down"

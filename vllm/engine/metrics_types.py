@@ -1,0 +1,49 @@
+"""What the engine reports after each step, for stat loggers (Prometheus, the log).
+
+Pure Python: the engine fills these whether or not ``prometheus_client`` is installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SchedulerStats:
+    """The engine's state right now."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    # Fraction of KV cache blocks in use, 0-1.
+    kv_cache_usage: float = 0.0
+
+
+@dataclass
+class FinishedRequestStats:
+    finish_reason: str
+    e2e_latency: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass
+class IterationStats:
+    """What one engine step did. Latencies are in seconds."""
+
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    # One entry per request that got its first token this step.
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    # One entry per request that got a later token this step: the time since its last one.
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+
+class StatLoggerBase(Protocol):
+    def record(
+        self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats | None
+    ) -> None:
+        """Called after every step (with that step's stats) and after requests are added or
+        aborted (``iteration_stats`` None)."""
+        ...
