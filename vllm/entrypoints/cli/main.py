@@ -33,7 +33,40 @@ def _save_sharded_state(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    parser.add_argument(
+        "model_tag",
+        nargs="?",
+        help="The model to serve: a local Hugging Face model directory (same as --model).",
+    )
+    return make_arg_parser(parser)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from vllm.entrypoints.openai.api_server import run_server
+
+    if args.model_tag is not None:
+        if args.model and args.model != args.model_tag:
+            sys.exit(
+                f"vllm serve got two models: {args.model_tag!r} and --model {args.model!r}; "
+                "give one."
+            )
+        args.model = args.model_tag
+    asyncio.run(run_server(args))
+
+
 COMMANDS: list[Command] = [
+    Command(
+        "serve",
+        "Start the OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /tokenize, /health, /metrics) for a model.",
+        _serve_args,
+        _serve,
+    ),
     Command(
         "save-sharded-state",
         "Save a model so that each tensor-parallel rank later loads only its own files "

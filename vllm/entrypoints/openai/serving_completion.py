@@ -1,0 +1,200 @@
+"""``POST /v1/completions``: one engine request per prompt, ``n`` choices each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from vllm.engine.async_llm_engine import EngineDeadError, RequestStream
+from vllm.entrypoints.openai.protocol import (
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionStreamResponse,
+    UsageInfo,
+    random_uuid,
+)
+from vllm.entrypoints.openai.serving_engine import (
+    SSE_DONE,
+    OpenAIError,
+    OpenAIServing,
+    engine_dead,
+    merge_async_iterators,
+    sse,
+    sum_prompt_tokens,
+)
+from vllm.outputs import CompletionOutput, RequestOutput
+
+Prompt = tuple[str | None, list[int]]
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    async def create_completion(
+        self, request: CompletionRequest
+    ) -> CompletionResponse | AsyncIterator[str]:
+        """The response, or (``stream``) the server-sent events to send."""
+        self.check_model(request.model)
+        self._check_supported(request)
+        prompts = self._parse_prompts(request.prompt)
+        params = [
+            self.sampling_params(
+                request, self.max_tokens_for(len(ids), request.max_tokens), request.logprobs
+            )
+            for _, ids in prompts
+        ]
+        request_id = f"cmpl-{random_uuid()}"
+        streams = self.add_requests(request_id, prompts, params)
+        if request.stream:
+            return self._stream(request, request_id, prompts, streams)
+        return await self._collect(request, request_id, prompts, streams)
+
+    @staticmethod
+    def _check_supported(request: CompletionRequest) -> None:
+        unsupported = {
+            "suffix": request.suffix is not None,
+            "logit_bias": bool(request.logit_bias),
+            "best_of": request.best_of not in (None, request.n),
+        }
+        for field, given in unsupported.items():
+            if given:
+                raise OpenAIError(f"{field} is not supported by this server.", param=field)
+        if request.echo and request.logprobs is not None:
+            raise OpenAIError(
+                "echo together with logprobs needs the prompt's logprobs, which this engine "
+                "does not compute; drop one of them.",
+                param="echo",
+            )
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("stream_options is only allowed with stream=true.", "stream_options")
+
+    def _parse_prompts(self, prompt: str | list) -> list[Prompt]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise OpenAIError("prompt is empty; give a string or token ids.", param="prompt")
+        if all(isinstance(t, int) for t in prompt):
+            prompt = [prompt]
+        return [(p, self.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+    def _prefix(self, request: CompletionRequest, prompt: Prompt) -> str:
+        """What ``echo`` puts before the completion: the prompt's text."""
+        if not request.echo:
+            return ""
+        text, ids = prompt
+        return text if text is not None else self.tokenizer.decode(ids)
+
+    def _logprobs(self, out: CompletionOutput, text_offset: int) -> CompletionLogProbs | None:
+        if out.logprobs is None:
+            return None
+        result = CompletionLogProbs()
+        for token_id, top in zip(out.token_ids, out.logprobs):
+            token = self.token_text(token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(top[token_id].logprob)
+            ranked: dict[str, float] = {}
+            for text, logprob in self.top_logprobs(top):
+                ranked.setdefault(text, logprob)  # tokens of the same text: the likeliest
+            result.top_logprobs.append(ranked)
+            result.text_offset.append(text_offset)
+            text_offset += len(token)
+        return result
+
+    async def _collect(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        prompts: list[Prompt],
+        streams: list[RequestStream],
+    ) -> CompletionResponse:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            async for i, output in merge_async_iterators(*streams):
+                finals[i] = output
+        except EngineDeadError as e:
+            raise engine_dead(e) from e
+        choices = []
+        completion_tokens = 0
+        for i, final in enumerate(finals):
+            assert final is not None
+            prefix = self._prefix(request, prompts[i])
+            for out in final.outputs:
+                completion_tokens += len(out.token_ids)
+                choices.append(
+                    CompletionResponseChoice(
+                        index=i * request.n + out.index,
+                        text=prefix + out.text,
+                        logprobs=self._logprobs(out, len(prefix)),
+                        finish_reason=out.finish_reason,
+                        stop_reason=out.stop_reason,
+                    )
+                )
+        prompt_tokens = sum_prompt_tokens(prompts)
+        return CompletionResponse(
+            id=request_id,
+            model=self.model_name,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def _stream(
+        self,
+        request: CompletionRequest,
+        request_id: str,
+        prompts: list[Prompt],
+        streams: list[RequestStream],
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = request.n
+        # Per choice: characters sent so far (logprob text offsets), and tokens.
+        sent_chars = [0] * (len(prompts) * n)
+        completion_tokens = 0
+        try:
+            async for i, output in merge_async_iterators(*streams):
+                for out in output.outputs:
+                    index = i * n + out.index
+                    text = out.text
+                    if sent_chars[index] == 0 and (text or out.finish_reason):
+                        text = self._prefix(request, prompts[i]) + text
+                    completion_tokens += len(out.token_ids)
+                    if not text and out.finish_reason is None and out.logprobs is None:
+                        continue  # tokens whose text is not settled yet
+                    chunk = CompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[
+                            CompletionResponseChoice(
+                                index=index,
+                                text=text,
+                                logprobs=self._logprobs(out, sent_chars[index]),
+                                finish_reason=out.finish_reason,
+                                stop_reason=out.stop_reason,
+                            )
+                        ],
+                    )
+                    sent_chars[index] += len(text)
+                    yield sse(chunk)
+            if request.include_usage_in_stream:
+                prompt_tokens = sum_prompt_tokens(prompts)
+                usage = UsageInfo(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    total_tokens=prompt_tokens + completion_tokens,
+                )
+                yield sse(
+                    CompletionStreamResponse(
+                        id=request_id,
+                        created=created,
+                        model=self.model_name,
+                        choices=[],
+                        usage=usage,
+                    )  # fmt: skip
+                )
+        except EngineDeadError as e:
+            yield sse(engine_dead(e).response)
+        yield SSE_DONE
