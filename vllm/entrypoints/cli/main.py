@@ -45,9 +45,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import asyncio
-
-    from vllm.entrypoints.openai.api_server import run_server
+    from vllm.entrypoints.openai.api_server import serve
 
     if args.model_tag is not None:
         if args.model and args.model != args.model_tag:
@@ -56,7 +54,7 @@ def _serve(args: argparse.Namespace) -> None:
                 "give one."
             )
         args.model = args.model_tag
-    asyncio.run(run_server(args))
+    serve(args)
 
 
 COMMANDS: list[Command] = [

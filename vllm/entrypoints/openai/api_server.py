@@ -200,6 +200,8 @@ def build_app(args: argparse.Namespace, engine: AsyncLLMEngine) -> FastAPI:
     async def lifespan(_: FastAPI):
         engine.start()
         yield
+        # Here, not after serve(): uvicorn re-raises a captured SIGTERM once it returns.
+        await engine.shutdown()
 
     docs = {} if not args.disable_fastapi_docs else dict(docs_url=None, redoc_url=None,
                                                          openapi_url=None)  # fmt: skip
@@ -315,8 +317,15 @@ def make_parser() -> FlexibleArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = make_parser().parse_args(argv)
-    asyncio.run(run_server(args))
+    serve(make_parser().parse_args(argv))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Run the server until SIGTERM or Ctrl-C."""
+    try:
+        asyncio.run(run_server(args))
+    except KeyboardInterrupt:
+        logger.info("Server stopped.")
 
 
 if __name__ == "__main__":

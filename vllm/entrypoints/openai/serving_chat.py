@@ -46,7 +46,9 @@ class OpenAIServingChat(OpenAIServing):
             if getattr(request, field):
                 raise OpenAIError(f"{field} is not supported by this server.", param=field)
         if request.stream_options is not None and not request.stream:
-            raise OpenAIError("stream_options is only allowed with stream=true.", "stream_options")
+            raise OpenAIError(
+                "stream_options is only allowed with stream=true.", param="stream_options"
+            )
         text = self.render_chat(
             request.messages,
             request.add_generation_prompt,

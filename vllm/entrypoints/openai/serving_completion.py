@@ -66,7 +66,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 param="echo",
             )
         if request.stream_options is not None and not request.stream:
-            raise OpenAIError("stream_options is only allowed with stream=true.", "stream_options")
+            raise OpenAIError(
+                "stream_options is only allowed with stream=true.", param="stream_options"
+            )
 
     def _parse_prompts(self, prompt: str | list) -> list[Prompt]:
         if isinstance(prompt, str):
