@@ -134,7 +134,8 @@ def test_bad_tokenizer_requests(server):
 
 def test_api_key_and_missing_chat_template(model_dir):
     """A server started with --api-key (and no chat template, which the tiny tokenizer lacks)."""
-    with RemoteOpenAIServer(model_dir, ["--max-model-len", "128"], api_key="sekret") as server:
+    args = ["--max-model-len", "128", "--enable-log-requests"]
+    with RemoteOpenAIServer(model_dir, args, api_key="sekret") as server:
         url = server.url_for("v1", "completions")
         body = {"prompt": "Hello", "max_tokens": 2}
         assert_error(httpx.post(url, json=body), 401, "API key")
@@ -146,6 +147,7 @@ def test_api_key_and_missing_chat_template(model_dir):
             ).models.list()
         client = server.get_client()  # the right key
         assert client.completions.create(model=model_dir, **body).usage.completion_tokens >= 1
+        assert "Received request cmpl-" in server.log()  # --enable-log-requests
         assert httpx.get(server.url_for("health")).status_code == 200  # open without a key
         with pytest.raises(openai.BadRequestError, match="no chat template.*--chat-template"):
             client.chat.completions.create(

@@ -236,6 +236,7 @@ def init_app_state(app: FastAPI, args: argparse.Namespace, engine: AsyncLLMEngin
         served_model_names=names,
         chat_template=load_chat_template(args.chat_template),
         enable_log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
     )
     state = app.state
     state.engine = engine

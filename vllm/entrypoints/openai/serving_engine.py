@@ -12,8 +12,11 @@ from pydantic import BaseModel
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from vllm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse
+from vllm.logger import init_logger
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
 
 
 class OpenAIError(Exception):
@@ -100,11 +103,13 @@ class OpenAIServing:
         served_model_names: list[str],
         chat_template: str | None = None,
         enable_log_requests: bool = False,
+        max_log_len: int | None = None,
     ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.chat_template = chat_template
         self.enable_log_requests = enable_log_requests
+        self.max_log_len = max_log_len
         self.tokenizer = engine.get_tokenizer()
         self.max_model_len: int = engine.model_config.max_model_len
 
@@ -204,6 +209,12 @@ class OpenAIServing:
             for i, ((text, token_ids), p) in enumerate(zip(prompts, params)):
                 ids.append(f"{request_id}-{i}")
                 prompt = {"prompt": text, "prompt_token_ids": token_ids}
+                if self.enable_log_requests:
+                    shown = text if text is None else text[: self.max_log_len]
+                    logger.info(
+                        "Received request %s: prompt %r (%d tokens), params: %s",
+                        ids[-1], shown, len(token_ids), p,
+                    )  # fmt: skip
                 streams.append(self.engine.generate(prompt, p, ids[-1]))
         except EngineDeadError as e:
             raise engine_dead(e) from e
