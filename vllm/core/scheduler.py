@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from vllm.core.block_manager import BlockManager, cdiv
+from vllm.engine.metrics_types import SchedulerStats
 from vllm.sequence import (
     CachedSeqData,
     ModelRunnerOutput,
@@ -101,6 +102,18 @@ class Scheduler:
             request_ids = (request_ids,)
         for request_id in request_ids:
             self.abort_request(request_id)
+
+    def get_stats(self) -> SchedulerStats:
+        """Requests running and waiting (a request counts once, as running if any of its
+        sequences runs) and the fraction of KV cache blocks in use."""
+        running = {s.request_id for s in self.running}
+        waiting = {s.request_id for s in self.waiting}
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running_reqs=len(running),
+            num_waiting_reqs=len(waiting - running),
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+        )
 
     def has_unfinished_seqs(self) -> bool:
         return bool(self.seqs)

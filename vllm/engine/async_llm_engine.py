@@ -35,14 +35,12 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """The outputs of one request, from the engine loop to its consumer.
 
-    Iterate it to the end, or ``aclose()`` it to abort the request. A stream dropped
-    unfinished (a response that never started) aborts its request too.
+    Iterate it to the end, or ``close()`` it to abort the request.
     """
 
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._abort = abort
-        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         # The engine is done with the request: finished, aborted or failed.
         self.finished = False
@@ -65,14 +63,15 @@ class RequestStream:
         self._exhausted = item.finished
         return item
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Abort the request unless it has finished. Synchronous, so that it runs even in
+        a ``finally`` of a task that is being cancelled."""
         self._exhausted = True
         if not self.finished:
             self._abort(self.request_id)
 
-    def __del__(self) -> None:
-        if not self.finished and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._abort, self.request_id)
+    async def aclose(self) -> None:
+        self.close()
 
 
 class AsyncLLMEngine:
@@ -86,7 +85,10 @@ class AsyncLLMEngine:
             max_workers=1, thread_name_prefix="vllm-step"
         )
         self._loop_task: asyncio.Task | None = None
+        # Set when the engine failed or was shut down: nothing is served any more.
         self._dead: EngineDeadError | None = None
+        # Set when shutdown begins: new requests are refused, open ones are aborted.
+        self._refusing: EngineDeadError | None = None
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLMEngine:
@@ -100,25 +102,31 @@ class AsyncLLMEngine:
 
     @property
     def dead_error(self) -> EngineDeadError | None:
-        return self._dead
+        """Why requests are refused (a failure or a shutdown), or None while serving."""
+        return self._dead or self._refusing
 
-    def get_tokenizer(self) -> Any:
+    @property
+    def tokenizer(self) -> Any:
         return self.engine.get_tokenizer()
 
     @property
     def model_config(self):
         return self.engine.model_config
 
-    def check_health(self) -> None:
+    async def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    async def check_health(self) -> None:
         """Raise ``EngineDeadError`` if the engine cannot serve (a step failed, a worker died,
-        or it was shut down)."""
+        or it is shutting down)."""
         if self._dead is None:
             try:
                 self.engine.check_health()
             except Exception as e:
                 self._die(EngineDeadError(f"The engine is not healthy: {e}"))
-        if self._dead is not None:
-            raise self._dead
+        error = self.dead_error
+        if error is not None:
+            raise error
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -133,30 +141,39 @@ class AsyncLLMEngine:
         Invalid input (a prompt too long, a bad parameter) raises ``ValueError`` here,
         before anything is streamed.
         """
-        self.check_health()
+        error = self.dead_error
+        if error is not None:
+            raise error
         self.start()
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
         self.engine.add_request(request_id, prompt, sampling_params)
-        stream = RequestStream(request_id, self.abort)
+        stream = RequestStream(request_id, self._abort)
         self._streams[request_id] = stream
         self._has_work.set()
         return stream
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV cache blocks (also between a step's halves)."""
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV cache blocks."""
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        # Safe between the halves of a step too: blocks freed now are handed out again
+        # only by the next schedule(), after the step in flight has ended.
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.finished = True
         if self._dead is None:
             self.engine.abort_request(request_id)
 
-    def abort_all(self, reason: str) -> None:
-        """Abort every request; each open stream raises ``EngineDeadError(reason)``."""
-        error = EngineDeadError(reason)
+    def stop_accepting(self, reason: str) -> None:
+        """Refuse new requests and abort every open one; each open stream raises
+        ``EngineDeadError(reason)``. The first step of a shutdown."""
+        if self._refusing is None:
+            self._refusing = EngineDeadError(reason)
         for request_id, stream in list(self._streams.items()):
-            self.abort(request_id)
-            stream.put(error)
+            self._abort(request_id)
+            stream.put(self._refusing)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -205,7 +222,7 @@ class AsyncLLMEngine:
 
     async def shutdown(self) -> None:
         """Abort open requests, stop the loop, then the workers. Safe to call twice."""
-        self.abort_all("The server is shutting down.")
+        self.stop_accepting("The server is shutting down.")
         if self._dead is None:
             self._dead = EngineDeadError("The engine was shut down.")
         task, self._loop_task = self._loop_task, None

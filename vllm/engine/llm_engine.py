@@ -13,12 +13,7 @@ from vllm.config import VllmConfig
 from vllm.core.scheduler import Scheduler
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.detokenizer import Detokenizer
-from vllm.engine.metrics_types import (
-    FinishedRequestStats,
-    IterationStats,
-    SchedulerStats,
-    StatLoggerBase,
-)
+from vllm.engine.metrics_types import IterationStats, RequestStateStats, StatLoggerBase
 from vllm.executor.executor_base import ExecutorBase
 from vllm.logger import init_logger
 from vllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -41,10 +36,7 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     output_kind: RequestOutputKind
-    arrival_time: float
-    # When the last step that gave this request tokens ended (None before the first).
-    last_token_time: float | None = None
-    num_generation_tokens: int = 0  # over all its sequences, for stats
+    stats: RequestStateStats
 
 
 def get_executor_class(vllm_config: VllmConfig) -> type[ExecutorBase]:
@@ -182,7 +174,12 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add_seq(seq)
         self.requests[request_id] = _Request(
-            request_id, text, token_ids, seqs, params.output_kind, now
+            request_id,
+            text,
+            token_ids,
+            seqs,
+            params.output_kind,
+            RequestStateStats(arrival_time=now, num_prompt_tokens=len(token_ids)),
         )
         self._record_stats(None)
 
@@ -217,10 +214,15 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         ids = [request_id] if isinstance(request_id, str) else request_id
+        stats = IterationStats() if self.stat_loggers else None
+        now = time.monotonic()
         for rid in ids:
-            if self.requests.pop(rid, None) is not None:
+            req = self.requests.pop(rid, None)
+            if req is not None:
                 self.scheduler.abort_request(rid)
-        self._record_stats(None)
+                if stats is not None:
+                    stats.update_from_finished(req.stats, "abort", now)
+        self._record_stats(stats)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -268,8 +270,11 @@ class LLMEngine:
         for req in touched.values():
             finished = all(s.is_finished for s in req.seqs)
             if stats is not None:
-                self._update_stats(stats, req, finished, now)
-            req.last_token_time = now
+                num_output_tokens = sum(s.num_output_tokens for s in req.seqs)
+                stats.update_from_output(req.stats, num_output_tokens, now)
+                if finished:
+                    reason = req.seqs[0].status.finish_reason or "abort"
+                    stats.update_from_finished(req.stats, reason, now)
             if finished or req.output_kind is not RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._make_output(req, finished))
             if finished:
@@ -318,6 +323,8 @@ class LLMEngine:
                 text = text[seq.num_sent_chars :]
                 seq.num_sent_chars += len(text)
                 token_ids = token_ids[seq.num_sent_tokens :]
+                if not token_ids:
+                    continue  # nothing new (its last output, with any finish, was sent)
                 if logprobs is not None:
                     logprobs = logprobs[seq.num_sent_tokens :]
                 seq.num_sent_tokens += len(token_ids)
@@ -344,41 +351,10 @@ class LLMEngine:
         """Have ``stat_logger.record`` called after every step and request change."""
         self.stat_loggers.append(stat_logger)
 
-    def get_scheduler_stats(self) -> SchedulerStats:
-        sched = self.scheduler
-        bm = sched.block_manager
-        running = {s.request_id for s in sched.running}
-        return SchedulerStats(
-            num_running_reqs=len(running),
-            num_waiting_reqs=len({s.request_id for s in sched.waiting} - running),
-            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
-        )
-
-    def _update_stats(
-        self, stats: IterationStats, req: _Request, finished: bool, now: float
-    ) -> None:
-        new_tokens = sum(s.num_output_tokens for s in req.seqs) - req.num_generation_tokens
-        req.num_generation_tokens += new_tokens
-        stats.num_generation_tokens += new_tokens
-        if req.last_token_time is None:
-            stats.num_prompt_tokens += len(req.prompt_token_ids)
-            stats.time_to_first_tokens.append(now - req.arrival_time)
-        else:
-            stats.inter_token_latencies.append(now - req.last_token_time)
-        if finished:
-            stats.finished_requests.append(
-                FinishedRequestStats(
-                    finish_reason=req.seqs[0].status.finish_reason or "abort",
-                    e2e_latency=now - req.arrival_time,
-                    num_prompt_tokens=len(req.prompt_token_ids),
-                    num_generation_tokens=req.num_generation_tokens,
-                )
-            )
-
     def _record_stats(self, iteration_stats: IterationStats | None) -> None:
         if not self.stat_loggers:
             return
-        scheduler_stats = self.get_scheduler_stats()
+        scheduler_stats = self.scheduler.get_stats()
         for stat_logger in self.stat_loggers:
             stat_logger.record(scheduler_stats, iteration_stats)
 

@@ -28,6 +28,17 @@ class FinishedRequestStats:
 
 
 @dataclass
+class RequestStateStats:
+    """Timing of one request, kept by the engine while it runs (monotonic seconds)."""
+
+    arrival_time: float
+    num_prompt_tokens: int
+    # When the last step that gave this request tokens ended (None before the first).
+    last_token_time: float | None = None
+    num_generation_tokens: int = 0  # over all its sequences
+
+
+@dataclass
 class IterationStats:
     """What one engine step did. Latencies are in seconds."""
 
@@ -38,6 +49,30 @@ class IterationStats:
     # One entry per request that got a later token this step: the time since its last one.
     inter_token_latencies: list[float] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+    def update_from_output(
+        self, req: RequestStateStats, num_output_tokens: int, now: float
+    ) -> None:
+        """A step gave ``req`` tokens; it now has ``num_output_tokens`` over its sequences."""
+        new_tokens = num_output_tokens - req.num_generation_tokens
+        req.num_generation_tokens = num_output_tokens
+        self.num_generation_tokens += new_tokens
+        if req.last_token_time is None:
+            self.num_prompt_tokens += req.num_prompt_tokens
+            self.time_to_first_tokens.append(now - req.arrival_time)
+        else:
+            self.inter_token_latencies.append(now - req.last_token_time)
+        req.last_token_time = now
+
+    def update_from_finished(self, req: RequestStateStats, finish_reason: str, now: float) -> None:
+        self.finished_requests.append(
+            FinishedRequestStats(
+                finish_reason=finish_reason,
+                e2e_latency=now - req.arrival_time,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_generation_tokens=req.num_generation_tokens,
+            )
+        )
 
 
 class StatLoggerBase(Protocol):

@@ -278,11 +278,16 @@ class MultiprocExecutor(ExecutorBase):
     def check_health(self) -> None:
         if self._closed is not None:
             raise RuntimeError(f"The workers are no longer running ({self._closed}).")
-        for w in self.workers:
-            if not w.proc.is_alive():
-                reason = f"worker rank {w.rank} {self._death_cause(w)}"
-                self._fail(reason)
-                raise RuntimeError(f"The workers are no longer running ({reason}).")
+        if not self._lock.acquire(blocking=False):
+            return  # a call is in flight: it sees a dead rank itself and fails
+        try:
+            for w in self.workers:
+                if not w.proc.is_alive():
+                    reason = f"worker rank {w.rank} {self._death_cause(w)}"
+                    self._fail(reason)
+                    raise RuntimeError(f"The workers are no longer running ({reason}).")
+        finally:
+            self._lock.release()
 
     def shutdown(self) -> None:
         if self._closed is None:

@@ -167,6 +167,26 @@ def test_streaming_n_and_several_prompts(server, offline_llm):
     assert [texts[i] for i in range(4)] == [expected[0]] * 2 + [expected[1]] * 2
 
 
+def test_streaming_choices_that_end_apart(server):
+    """Seeded samples cut by a stop string end at different steps: each choice gets its
+    text and exactly one finishing chunk, as without streaming."""
+    kwargs = dict(
+        model=MODEL, prompt=TEXT_PROMPTS[0], n=4, max_tokens=40, temperature=1.0, seed=1,
+        stop=["e", "a"],
+    )  # fmt: skip
+    client = server.get_client()
+    full = client.completions.create(**kwargs)
+    texts, finishes = {i: "" for i in range(4)}, {i: [] for i in range(4)}
+    for chunk in client.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason is not None:
+                finishes[choice.index].append(choice.finish_reason)
+    assert [texts[i] for i in range(4)] == [c.text for c in full.choices]
+    assert [finishes[i] for i in range(4)] == [[c.finish_reason] for c in full.choices]
+    assert len({len(c.text) for c in full.choices}) > 1  # they did end apart
+
+
 def test_async_client(server, offline_llm):
     expected = offline_texts(offline_llm, TEXT_PROMPTS, 8)
 

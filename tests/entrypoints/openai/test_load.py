@@ -89,8 +89,24 @@ def test_disconnect_aborts_request(server):
     assert after["vllm:num_requests_running"] == 0
     assert after["vllm:kv_cache_usage_perc"] == 0
     finished = 'vllm:request_success_total{finished_reason="length"}'
+    aborted = 'vllm:request_success_total{finished_reason="abort"}'
     assert after[finished] == before[finished]  # aborted, not run to its end
+    assert after[aborted] == before[aborted] + 1
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 200
+
+    # Several prompts in one streamed request: all of them are aborted.
+    before = after
+    body_two = {**body, "prompt": ["Hello", "The future"], "stream": True}
+    with httpx.stream(
+        "POST", server.url_for("v1", "completions"), json=body_two, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(line for line in lines if line.startswith("data: "))
+    after = _wait_idle(server)
+    assert after["vllm:num_requests_running"] == 0
+    assert after[aborted] == before[aborted] + 2
+    assert after[finished] == before[finished]
 
     # The same for a request that is not streamed: the client gives up waiting.
     before = after
@@ -102,7 +118,9 @@ def test_disconnect_aborts_request(server):
     after = _wait_idle(server)
     assert after["vllm:num_requests_running"] == 0
     assert after[finished] == before[finished]
+    assert after[aborted] == before[aborted] + 1
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 200
     assert httpx.post(
         server.url_for("v1", "completions"), json={**body, "max_tokens": 2}
     ).is_success
+    assert "Traceback" not in server.log()  # a client leaving is not a server error

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import secrets
 import signal
 import socket
@@ -87,6 +89,8 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if task.cancelled():
         return Response(status_code=499)  # nobody is listening
     return _respond(task.result())
@@ -95,7 +99,7 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 @router.get("/health")
 async def health(raw_request: Request) -> Response:
     try:
-        raw_request.app.state.engine.check_health()
+        await raw_request.app.state.engine.check_health()
     except EngineDeadError:
         return Response(status_code=503)
     return Response(status_code=200)
@@ -151,6 +155,10 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 async def _openai_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
     return Response(exc.response.model_dump_json(), exc.status_code, media_type="application/json")
+
+
+async def _engine_dead(_: Request, exc: Exception) -> Response:
+    return _error(str(exc), 503, "ServiceUnavailableError")
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
@@ -218,6 +226,7 @@ def build_app(args: argparse.Namespace, engine: AsyncLLMEngine) -> FastAPI:
         app.add_middleware(AuthenticationMiddleware, api_key=args.api_key)
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(EngineDeadError, _engine_dead)
     app.add_exception_handler(Exception, _unexpected_error)
     init_app_state(app, args, engine)
     return app
@@ -291,7 +300,8 @@ async def run_server(args: argparse.Namespace) -> None:
             ssl_certfile=args.ssl_certfile,
             timeout_keep_alive=5,
         )
-        server = _Server(config, on_exit=lambda: engine.abort_all("The server is shutting down."))
+        reason = "The server is shutting down."
+        server = _Server(config, on_exit=lambda: engine.stop_accepting(reason))
         logger.info("Serving %s on http://%s:%d", args.model, args.host or "0.0.0.0", args.port)
         await server.serve(sockets=[sock])
     finally:
@@ -308,6 +318,8 @@ def validate_args(args: argparse.Namespace) -> None:
         load_chat_template(args.chat_template)
     except (OSError, ValueError) as e:
         raise SystemExit(str(e)) from e
+    if args.api_key is None:
+        args.api_key = os.environ.get("VLLM_API_KEY") or None
     if not 0 <= args.port < 65536:
         raise SystemExit(f"--port {args.port} is not a TCP port (0-65535).")
 

@@ -45,7 +45,7 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--api-key",
         "Require this key as 'Authorization: Bearer KEY' on every /v1 route (also read from "
         "the VLLM_API_KEY environment variable).",
-        default=os.environ.get("VLLM_API_KEY"),
+        default=None,
     )
     add(
         "--chat-template",

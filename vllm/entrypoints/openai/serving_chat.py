@@ -77,7 +77,8 @@ class OpenAIServingChat(OpenAIServing):
         last = request.messages[-1]
         return last.content if isinstance(last.content, str) else ""
 
-    def _logprobs(self, out: CompletionOutput) -> ChatCompletionLogProbs | None:
+    def _logprobs(self, out: CompletionOutput, top_k: int) -> ChatCompletionLogProbs | None:
+        """OpenAI's chat logprobs: each token's, and exactly the ``top_k`` likeliest."""
         if out.logprobs is None:
             return None
         content = []
@@ -92,7 +93,7 @@ class OpenAIServingChat(OpenAIServing):
                         ChatLogProb(
                             token=t, logprob=lp, bytes=list(t.encode("utf-8", errors="replace"))
                         )
-                        for t, lp in self.top_logprobs(top)
+                        for t, lp in self.top_logprobs(top)[:top_k]
                     ],
                 )
             )
@@ -106,18 +107,15 @@ class OpenAIServingChat(OpenAIServing):
         stream: RequestStream,
     ) -> ChatCompletionResponse:
         final = None
-        try:
-            async for _, output in merge_async_iterators(stream):
-                final = output
-        except EngineDeadError as e:
-            raise engine_dead(e) from e
+        async for _, output in merge_async_iterators(stream):
+            final = output
         assert final is not None
         echo = self._echo(request)
         choices = [
             ChatCompletionResponseChoice(
                 index=out.index,
                 message=ChatResponseMessage(role=self.response_role, content=echo + out.text),
-                logprobs=self._logprobs(out),
+                logprobs=self._logprobs(out, request.top_logprobs or 0),
                 finish_reason=out.finish_reason,
                 stop_reason=out.stop_reason,
             )
@@ -167,7 +165,7 @@ class OpenAIServingChat(OpenAIServing):
                         ChatCompletionResponseStreamChoice(
                             index=out.index,
                             delta=DeltaMessage(content=out.text),
-                            logprobs=self._logprobs(out),
+                            logprobs=self._logprobs(out, request.top_logprobs or 0),
                             finish_reason=out.finish_reason,
                             stop_reason=out.stop_reason,
                         )
@@ -190,5 +188,5 @@ class OpenAIServingChat(OpenAIServing):
         except EngineDeadError as e:
             yield sse(engine_dead(e).response)
         finally:
-            await stream.aclose()
+            stream.close()  # also when the client left before the first output
         yield SSE_DONE

@@ -110,11 +110,8 @@ class OpenAIServingCompletion(OpenAIServing):
         streams: list[RequestStream],
     ) -> CompletionResponse:
         finals: list[RequestOutput | None] = [None] * len(streams)
-        try:
-            async for i, output in merge_async_iterators(*streams):
-                finals[i] = output
-        except EngineDeadError as e:
-            raise engine_dead(e) from e
+        async for i, output in merge_async_iterators(*streams):
+            finals[i] = output
         choices = []
         completion_tokens = 0
         for i, final in enumerate(finals):

@@ -63,7 +63,7 @@ async def merge_async_iterators(
             async for item in it:
                 yield 0, item
         finally:
-            await it.aclose()
+            it.close()
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done = object()
@@ -89,11 +89,12 @@ async def merge_async_iterators(
             else:
                 yield i, item
     finally:
+        # Abort first: under a cancel scope (a client gone) the await below is cancelled too.
+        for it in iterators:
+            it.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for it in iterators:
-            await it.aclose()
 
 
 class OpenAIServing:
@@ -110,7 +111,7 @@ class OpenAIServing:
         self.chat_template = chat_template
         self.enable_log_requests = enable_log_requests
         self.max_log_len = max_log_len
-        self.tokenizer = engine.get_tokenizer()
+        self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.model_config.max_model_len
 
     @property
@@ -127,11 +128,6 @@ class OpenAIServing:
                 "NotFoundError",
                 "model",
             )
-
-    def check_engine(self) -> None:
-        error = self.engine.dead_error
-        if error is not None:
-            raise engine_dead(error)
 
     # ---- prompts --------------------------------------------------------------------------
 
@@ -203,25 +199,24 @@ class OpenAIServing:
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[Any]
     ) -> list[RequestStream]:
         """Start one engine request per prompt; all or none (a refused one aborts the rest)."""
-        self.check_engine()
-        streams, ids = [], []
+        streams: list[RequestStream] = []
         try:
             for i, ((text, token_ids), p) in enumerate(zip(prompts, params)):
-                ids.append(f"{request_id}-{i}")
+                rid = f"{request_id}-{i}"
                 prompt = {"prompt": text, "prompt_token_ids": token_ids}
                 if self.enable_log_requests:
                     shown = text if text is None else text[: self.max_log_len]
                     logger.info(
                         "Received request %s: prompt %r (%d tokens), params: %s",
-                        ids[-1], shown, len(token_ids), p,
+                        rid, shown, len(token_ids), p,
                     )  # fmt: skip
-                streams.append(self.engine.generate(prompt, p, ids[-1]))
-        except EngineDeadError as e:
-            raise engine_dead(e) from e
-        except ValueError as e:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise OpenAIError(str(e)) from e
+                streams.append(self.engine.generate(prompt, p, rid))
+        except BaseException as e:
+            for stream in streams:
+                stream.close()
+            if isinstance(e, ValueError):
+                raise OpenAIError(str(e)) from e
+            raise
         return streams
 
     # ---- logprobs -------------------------------------------------------------------------
