@@ -158,9 +158,9 @@ class OpenAIServingChat(OpenAIServing):
                 yield chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta))
             async for _, output in merge_async_iterators(stream):
                 for out in output.outputs:
+                    # One chunk per output, which has new tokens even where their text is
+                    # not settled yet (an unfinished character): clients count tokens.
                     completion_tokens += len(out.token_ids)
-                    if not out.text and out.finish_reason is None and out.logprobs is None:
-                        continue  # tokens whose text is not settled yet
                     yield chunk(
                         ChatCompletionResponseStreamChoice(
                             index=out.index,

@@ -149,19 +149,20 @@ class OpenAIServingCompletion(OpenAIServing):
     ) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
-        # Per choice: characters sent so far (logprob text offsets), and tokens.
-        sent_chars = [0] * (len(prompts) * n)
+        # Per choice: characters sent so far (logprob text offsets); None before the first.
+        sent_chars: list[int | None] = [None] * (len(prompts) * n)
         completion_tokens = 0
         try:
             async for i, output in merge_async_iterators(*streams):
                 for out in output.outputs:
                     index = i * n + out.index
-                    text = out.text
-                    if sent_chars[index] == 0 and (text or out.finish_reason):
-                        text = self._prefix(request, prompts[i]) + text
+                    # One chunk per output, which has new tokens even where their text is
+                    # not settled yet (an unfinished character): clients count tokens.
+                    sent = sent_chars[index]
+                    # echo puts the prompt before a choice's first chunk.
+                    text = (self._prefix(request, prompts[i]) if sent is None else "") + out.text
+                    sent = sent or 0
                     completion_tokens += len(out.token_ids)
-                    if not text and out.finish_reason is None and out.logprobs is None:
-                        continue  # tokens whose text is not settled yet
                     chunk = CompletionStreamResponse(
                         id=request_id,
                         created=created,
@@ -170,13 +171,13 @@ class OpenAIServingCompletion(OpenAIServing):
                             CompletionResponseChoice(
                                 index=index,
                                 text=text,
-                                logprobs=self._logprobs(out, sent_chars[index]),
+                                logprobs=self._logprobs(out, sent),
                                 finish_reason=out.finish_reason,
                                 stop_reason=out.stop_reason,
                             )
                         ],
                     )
-                    sent_chars[index] += len(text)
+                    sent_chars[index] = sent + len(text)
                     yield sse(chunk)
             if request.include_usage_in_stream:
                 prompt_tokens = sum_prompt_tokens(prompts)
