@@ -74,16 +74,22 @@ class RequestStream:
         self.close()
 
 
+def _make_step_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-step")
+
+
 class AsyncLLMEngine:
     """Upstream vLLM's async engine interface over this tree's ``LLMEngine``."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(
+        self, engine: LLMEngine, step_thread: concurrent.futures.ThreadPoolExecutor | None = None
+    ) -> None:
+        """``step_thread``: the one-thread pool that runs ``execute_model`` (made if None);
+        ``from_engine_args`` builds the engine on it too."""
         self.engine = engine
         self._streams: dict[str, RequestStream] = {}
         self._has_work = asyncio.Event()
-        self._step_thread = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="vllm-step"
-        )
+        self._step_thread = step_thread or _make_step_thread()
         self._loop_task: asyncio.Task | None = None
         # Set when the engine failed or was shut down: nothing is served any more.
         self._dead: EngineDeadError | None = None
@@ -92,7 +98,16 @@ class AsyncLLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> AsyncLLMEngine:
-        return cls(LLMEngine.from_engine_args(engine_args))
+        """Build the engine on the thread that will run the model.
+
+        The model's CPU ops then run on one OpenMP thread team. Ops on a second thread
+        (loading on the main thread, say) would give the process a second team; with more
+        OpenMP threads than cores, OpenMP stops spinning at barriers and sleeps, and every
+        decode step pays dozens of wake-ups (about a quarter slower on 2 cores).
+        """
+        step_thread = _make_step_thread()
+        engine = step_thread.submit(LLMEngine.from_engine_args, engine_args).result()
+        return cls(engine, step_thread)
 
     # ---- state ----------------------------------------------------------------------------
 
