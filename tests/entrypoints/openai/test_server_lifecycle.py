@@ -44,57 +44,60 @@ def assert_all_gone(procs: list[psutil.Process], timeout: float = 10.0) -> None:
 def test_tp2_sharded_state_server_answers_and_stops_on_sigterm(sharded_dir, offline_llm):
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     expected = [o.outputs[0].text for o in offline_llm.generate(PROMPTS, params, False)]
-    server = RemoteOpenAIServer(sharded_dir, [*TP_ARGS, "--load-format", "sharded_state"])
-    procs = server_processes(server)
-    assert len(procs) >= 3  # the server and one worker per rank
-    client = server.get_client()
-    out = client.completions.create(
-        model=sharded_dir, prompt=PROMPTS, max_tokens=10, temperature=0,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    assert [c.text for c in out.choices] == expected
+    args = [*TP_ARGS, "--load-format", "sharded_state"]
+    with RemoteOpenAIServer(sharded_dir, args) as server:  # stopped even if a check fails
+        procs = server_processes(server)
+        assert len(procs) >= 3  # the server and one worker per rank
+        client = server.get_client()
+        out = client.completions.create(
+            model=sharded_dir, prompt=PROMPTS, max_tokens=10, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert [c.text for c in out.choices] == expected
 
-    # SIGTERM while a long stream is being read: the stream ends, the server exits.
-    events: list[str] = []
-    streaming = threading.Event()
+        # SIGTERM while a long stream is being read: the stream ends, the server exits.
+        events: list[str] = []
+        streaming = threading.Event()
 
-    def read_stream() -> None:
-        body = dict(prompt="Hello", max_tokens=240, stream=True, ignore_eos=True)
-        with httpx.stream("POST", server.url_for("v1", "completions"), json=body, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    streaming.set()
+        def read_stream() -> None:
+            body = dict(prompt="Hello", max_tokens=240, stream=True, ignore_eos=True)
+            with httpx.stream(
+                "POST", server.url_for("v1", "completions"), json=body, timeout=60
+            ) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        streaming.set()
 
-    reader = threading.Thread(target=read_stream, daemon=True)
-    reader.start()
-    assert streaming.wait(30)
-    start = time.monotonic()
-    code = server.stop(signal.SIGTERM, timeout=30)
-    reader.join(10)
-    assert not reader.is_alive()
-    assert code in (0, -signal.SIGTERM), server.log()
-    assert time.monotonic() - start < 20
-    assert events[-1] == "data: [DONE]"
-    assert "shutting down" in events[-2]  # the aborted stream says why it ended
-    assert len(events) < 200
-    assert_all_gone(procs)
-    assert "Traceback" not in server.log()
+        reader = threading.Thread(target=read_stream, daemon=True)
+        reader.start()
+        assert streaming.wait(30)
+        start = time.monotonic()
+        code = server.stop(signal.SIGTERM, timeout=30)
+        reader.join(10)
+        assert not reader.is_alive()
+        assert code in (0, -signal.SIGTERM), server.log()
+        assert time.monotonic() - start < 20
+        assert events[-1] == "data: [DONE]"
+        assert "shutting down" in events[-2]  # the aborted stream says why it ended
+        assert len(events) < 200
+        assert_all_gone(procs)
+        assert "Traceback" not in server.log()
 
 
 def test_worker_death_fails_requests_and_health(model_dir):
-    server = RemoteOpenAIServer(model_dir, TP_ARGS, module_entrypoint=True)
-    procs = server_processes(server)
-    url = server.url_for("v1", "completions")
-    assert httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}).is_success
-    workers = [p for p in procs[1:] if "resource_tracker" not in " ".join(p.cmdline())]
-    workers[-1].kill()
+    with RemoteOpenAIServer(model_dir, TP_ARGS, module_entrypoint=True) as server:
+        procs = server_processes(server)
+        url = server.url_for("v1", "completions")
+        assert httpx.post(url, json={"prompt": "Hi", "max_tokens": 2}).is_success
+        workers = [p for p in procs[1:] if "resource_tracker" not in " ".join(p.cmdline())]
+        workers[-1].kill()
 
-    assert httpx.get(server.url_for("health")).status_code == 503
-    response = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2})
-    assert response.status_code == 503
-    error = response.json()["error"]["message"]
-    assert "worker rank" in error and "SIGKILL" in error, error
-    code = server.stop(signal.SIGTERM, timeout=30)
-    assert code in (0, -signal.SIGTERM), server.log()
-    assert_all_gone(procs)
+        assert httpx.get(server.url_for("health")).status_code == 503
+        response = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2})
+        assert response.status_code == 503
+        error = response.json()["error"]["message"]
+        assert "worker rank" in error and "SIGKILL" in error, error
+        code = server.stop(signal.SIGTERM, timeout=30)
+        assert code in (0, -signal.SIGTERM), server.log()
+        assert_all_gone(procs)

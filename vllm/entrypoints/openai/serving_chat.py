@@ -126,11 +126,7 @@ class OpenAIServingChat(OpenAIServing):
             id=request_id,
             model=self.model_name,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=num_prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=num_prompt_tokens + completion_tokens,
-            ),
+            usage=UsageInfo.of(num_prompt_tokens, completion_tokens),
         )
 
     async def _stream(
@@ -171,11 +167,7 @@ class OpenAIServingChat(OpenAIServing):
                         )
                     )
             if request.include_usage_in_stream:
-                usage = UsageInfo(
-                    prompt_tokens=num_prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=num_prompt_tokens + completion_tokens,
-                )
+                usage = UsageInfo.of(num_prompt_tokens, completion_tokens)
                 yield sse(
                     ChatCompletionStreamResponse(
                         id=request_id,
@@ -183,7 +175,7 @@ class OpenAIServingChat(OpenAIServing):
                         model=self.model_name,
                         choices=[],
                         usage=usage,
-                    )  # fmt: skip
+                    )
                 )
         except EngineDeadError as e:
             yield sse(engine_dead(e).response)

@@ -22,11 +22,14 @@ from vllm.entrypoints.openai.serving_engine import (
     engine_dead,
     merge_async_iterators,
     sse,
-    sum_prompt_tokens,
 )
 from vllm.outputs import CompletionOutput, RequestOutput
 
 Prompt = tuple[str | None, list[int]]
+
+
+def _num_prompt_tokens(prompts: list[Prompt]) -> int:
+    return sum(len(ids) for _, ids in prompts)
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -128,16 +131,11 @@ class OpenAIServingCompletion(OpenAIServing):
                         stop_reason=out.stop_reason,
                     )
                 )
-        prompt_tokens = sum_prompt_tokens(prompts)
         return CompletionResponse(
             id=request_id,
             model=self.model_name,
             choices=choices,
-            usage=UsageInfo(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=UsageInfo.of(_num_prompt_tokens(prompts), completion_tokens),
         )
 
     async def _stream(
@@ -180,12 +178,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     sent_chars[index] = sent + len(text)
                     yield sse(chunk)
             if request.include_usage_in_stream:
-                prompt_tokens = sum_prompt_tokens(prompts)
-                usage = UsageInfo(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                )
+                usage = UsageInfo.of(_num_prompt_tokens(prompts), completion_tokens)
                 yield sse(
                     CompletionStreamResponse(
                         id=request_id,
@@ -193,7 +186,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         model=self.model_name,
                         choices=[],
                         usage=usage,
-                    )  # fmt: skip
+                    )
                 )
         except EngineDeadError as e:
             yield sse(engine_dead(e).response)

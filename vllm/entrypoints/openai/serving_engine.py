@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel
@@ -248,7 +248,3 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     if message.name is not None:
         out["name"] = message.name
     return out
-
-
-def sum_prompt_tokens(prompts: Iterable[tuple[str | None, list[int]]]) -> int:
-    return sum(len(ids) for _, ids in prompts)
