@@ -41,8 +41,6 @@ from vllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
-    ErrorInfo,
-    ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
@@ -50,7 +48,7 @@ from vllm.entrypoints.openai.protocol import (
 )
 from vllm.entrypoints.openai.serving_chat import OpenAIServingChat
 from vllm.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from vllm.entrypoints.openai.serving_engine import OpenAIError
+from vllm.entrypoints.openai.serving_engine import OpenAIError, engine_dead
 from vllm.entrypoints.openai.serving_tokenization import OpenAIServingTokenization
 from vllm.logger import init_logger
 from vllm.utils import FlexibleArgumentParser
@@ -60,11 +58,9 @@ logger = init_logger(__name__)
 router = APIRouter()
 
 
-def _error(message: str, status_code: int, err_type: str, param: str | None = None) -> Response:
-    body = ErrorResponse(
-        error=ErrorInfo(message=message, type=err_type, param=param, code=status_code)
-    )
-    return Response(body.model_dump_json(), status_code, media_type="application/json")
+def _error(error: OpenAIError) -> Response:
+    body = error.response.model_dump_json()
+    return Response(body, error.status_code, media_type="application/json")
 
 
 def _respond(result: BaseModel | Any) -> Response:
@@ -154,11 +150,12 @@ async def create_chat_completion(request: ChatCompletionRequest, raw_request: Re
 
 async def _openai_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, OpenAIError)
-    return Response(exc.response.model_dump_json(), exc.status_code, media_type="application/json")
+    return _error(exc)
 
 
 async def _engine_dead(_: Request, exc: Exception) -> Response:
-    return _error(str(exc), 503, "ServiceUnavailableError")
+    assert isinstance(exc, EngineDeadError)
+    return _error(engine_dead(exc))
 
 
 async def _validation_error(_: Request, exc: Exception) -> Response:
@@ -172,12 +169,12 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
         field = ".".join(loc) or "body"
         param = param or field
         messages.append(f"{field}: {err.get('msg')} (got {err.get('input')!r})")
-    return _error("; ".join(messages) or "Invalid request.", 400, "BadRequestError", param)
+    return _error(OpenAIError("; ".join(messages) or "Invalid request.", param=param))
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> Response:
     logger.exception("Unexpected error while serving a request")
-    return _error(f"{type(exc).__name__}: {exc}", 500, "InternalServerError")
+    return _error(OpenAIError(f"{type(exc).__name__}: {exc}", 500, "InternalServerError"))
 
 
 class AuthenticationMiddleware:
@@ -193,10 +190,12 @@ class AuthenticationMiddleware:
             given = Headers(scope=scope).get("authorization", "").encode()
             if path.startswith("/v1") and not secrets.compare_digest(given, self.expected):
                 response = _error(
-                    "Invalid or missing API key: send 'Authorization: Bearer <key>' with the "
-                    "key the server was started with (--api-key).",
-                    401,
-                    "AuthenticationError",
+                    OpenAIError(
+                        "Invalid or missing API key: send 'Authorization: Bearer <key>' with "
+                        "the key the server was started with (--api-key).",
+                        401,
+                        "AuthenticationError",
+                    )
                 )
                 await response(scope, receive, send)
                 return
