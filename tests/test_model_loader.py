@@ -85,6 +85,64 @@ def test_shape_mismatch_is_reported(model_dir, tmp_path):
         LLM(model=dst)
 
 
+def _rewrite(model_dir: str, dst: str, edit) -> str:
+    """A copy of the model whose state dict went through ``edit``."""
+    dst = _copy_without_weights(model_dir, dst)
+    state = load_file(os.path.join(model_dir, "model.safetensors"))
+    edit(state)
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    ],
+)
+def test_fused_weight_missing_a_piece_is_refused(model_dir, tmp_path, piece):
+    """q/k/v and gate/up fill one fused parameter each: without one piece its rows would
+    stay uninitialised, and the model would load and produce garbage."""
+    name = f"model.layers.1.{piece}.weight"
+    dst = _rewrite(model_dir, str(tmp_path / "partial"), lambda state: state.pop(name))
+    with pytest.raises(ValueError, match=rf"lacks 1 tensor.*{name.replace('.', '[.]')}"):
+        LLM(model=dst)
+
+
+def test_fused_weight_missing_a_piece_is_refused_at_tp2(model_dir, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    dst = _rewrite(model_dir, str(tmp_path / "partial"), lambda state: state.pop(name))
+    with pytest.raises(ValueError, match=rf"lacks 1 tensor.*{name}"):
+        LLM(model=dst, tensor_parallel_size=2, device="cpu")
+
+
+def test_integer_tensor_for_a_float_parameter_is_refused(model_dir, tmp_path):
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def to_int(state):
+        state[name] = state[name].to(torch.int32)
+
+    dst = _rewrite(model_dir, str(tmp_path / "int"), to_int)
+    with pytest.raises(ValueError, match=rf"{name}.*torch\.int32.*torch\.float32"):
+        LLM(model=dst)
+
+
+def test_float_checkpoint_is_cast_to_the_model_dtype(model_dir, reference_tokens, tmp_path):
+    """Float-to-float casts stay allowed: float64 tensors load into a float32 model."""
+
+    def to_double(state):
+        for key in state:
+            state[key] = state[key].double()
+
+    dst = _rewrite(model_dir, str(tmp_path / "f64"), to_double)
+    out = LLM(model=dst, dtype="float32").generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == reference_tokens
+
+
 def test_no_weights_found(model_dir, tmp_path):
     dst = _copy_without_weights(model_dir, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="No model weights found"):

@@ -52,12 +52,27 @@ def materialize(w: LoadedWeight) -> torch.Tensor:
 
 
 def copy_weight(dst: torch.Tensor, w: LoadedWeight, name: str = "") -> None:
-    """Copy a checkpoint tensor into ``dst`` after checking the shape."""
+    """Copy a checkpoint tensor into ``dst`` after checking the shape and dtype.
+
+    Only float-to-float casts happen implicitly: an integer tensor for a float parameter
+    (or the reverse) is a different kind of data, not a precision.
+    """
     shape = weight_shape(w)
     if tuple(dst.shape) != shape:
         raise ValueError(
             f"Shape mismatch{' for ' + name if name else ''}: the checkpoint has {shape}, "
             f"the model expects {tuple(dst.shape)}."
+        )
+    src_dtype = getattr(w, "dtype", None)
+    if (
+        isinstance(src_dtype, torch.dtype)
+        and src_dtype != dst.dtype
+        and not (src_dtype.is_floating_point and dst.dtype.is_floating_point)
+    ):
+        raise ValueError(
+            f"Dtype mismatch{' for ' + name if name else ''}: the checkpoint stores "
+            f"{src_dtype}, the model expects {dst.dtype}; only float-to-float casts are "
+            "done when loading."
         )
     if hasattr(w, "reads_into") and w.reads_into(dst):
         w.read_into(dst)  # straight from the file into the parameter (see TensorSlice)
