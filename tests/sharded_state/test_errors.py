@@ -128,6 +128,22 @@ def test_configuration_mismatch_names_both_values(ckpt, change, kwargs, message)
         _load(ckpt, **kwargs)
 
 
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_manifest_file_name_outside_the_directory_is_refused(ckpt, tmp_path, where):
+    """A manifest may only name the files its pattern gives: a path to a shard elsewhere
+    (here a valid one, of the same model) must not be loaded."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(os.path.join(ckpt, PART0), outside / PART0)
+    name = f"../elsewhere/{PART0}" if where == "relative" else str(outside / PART0)
+    manifest_path = os.path.join(ckpt, MANIFEST)
+    manifest = json.load(open(manifest_path))
+    manifest["files"][name] = manifest["files"].pop(PART0)
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(ValueError, match=f"is corrupt .*{name!r}.* names '{PART0}'"):
+        _load(ckpt)
+
+
 def test_truncated_file(ckpt):
     path = os.path.join(ckpt, PART0)
     with open(path, "r+b") as f:

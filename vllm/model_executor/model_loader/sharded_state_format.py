@@ -101,12 +101,20 @@ def read_manifest(model_dir: str) -> dict[str, Any] | None:
             manifest = json.load(f)
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no 'files' table")
+        pattern = validate_pattern(manifest.get("pattern"))
         for name, info in manifest["files"].items():
             if not isinstance(info, dict) or not all(
                 isinstance(info.get(key), int) for key in ("rank", "part", "size")
             ):
                 raise ValueError(f"bad entry for {name}")
             int(info.get("crc32"), 16)
+            # Only the names the pattern gives: never a path out of the directory.
+            expected = pattern.format(rank=info["rank"], part=info["part"])
+            if name != expected:
+                raise ValueError(
+                    f"it lists a file {name!r} for rank {info['rank']} part {info['part']}, "
+                    f"where its pattern {pattern!r} names {expected!r}"
+                )
     except (ValueError, TypeError) as e:
         raise ShardFileError(
             f"{path} is corrupt ({e}); save the checkpoint again, or delete the file to load "
