@@ -264,3 +264,21 @@ def test_saving_into_a_mount_point_replaces_in_place(source, ckpt, monkeypatch):
     loaded = _load(ckpt)
     assert greedy(loaded, PROMPTS) == tokens
     shutdown(loaded)
+
+
+def test_relative_path_is_the_callers_at_tp2(model_dirs, tmp_path, monkeypatch):
+    """Workers started in another directory: a relative save path still means the caller's
+    current directory, at TP=2 as at TP=1."""
+    llm = make_llm(model_dirs("llama"), tp=2)
+    try:
+        caller = tmp_path / "caller"
+        caller.mkdir()
+        monkeypatch.chdir(caller)  # after the workers started
+        llm.save_sharded_state("relative-out")
+    finally:
+        shutdown(llm)
+    assert sorted(os.listdir(caller / "relative-out")) == [
+        "model-rank-0-part-0.safetensors",
+        "model-rank-1-part-0.safetensors",
+        MANIFEST,
+    ]

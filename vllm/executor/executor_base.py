@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -82,8 +83,10 @@ class ExecutorBase(ABC):
         """Every rank writes its own slice of the model to ``path`` (load_format="sharded_state").
 
         ``pattern`` names the files (must contain ``{rank}`` and ``{part}``); ``max_size``
-        (bytes) splits each rank's state into several files.
+        (bytes) splits each rank's state into several files. A relative ``path`` is the
+        caller's: it is resolved here, as worker processes may run in another directory.
         """
+        path = os.path.abspath(path)
         self.collective_rpc(
             "save_sharded_state", kwargs=dict(path=path, pattern=pattern, max_size=max_size)
         )
