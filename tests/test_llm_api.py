@@ -167,6 +167,40 @@ def test_prompt_longer_than_max_model_len(llm):
     assert len(out.outputs[0].token_ids) == GREEDY.max_tokens
 
 
+def test_token_ids_of_the_wrong_type_are_named(llm):
+    """Floats, bools and strings are not token ids; numpy integers are."""
+    import numpy as np
+
+    cases = {
+        "float": ([5.0, 6.0], r"item 0 is 5\.0 \(float\)"),
+        "bool": ({"prompt_token_ids": [5, True]}, r"item 1 is True \(bool\)"),
+        "string": ({"prompt_token_ids": ["5", "6"]}, r"item 0 is '5' \(str\)"),
+        "string as ids": ({"prompt_token_ids": "5 6"}, r"a list of integers, got '5 6'"),
+    }
+    for prompt, message in cases.values():
+        with pytest.raises((ValueError, TypeError), match=message):
+            llm.generate(prompt, GREEDY, use_tqdm=False)
+    as_numpy = llm.generate(list(np.array([5, 6, 7])), GREEDY, use_tqdm=False)
+    assert _tokens(as_numpy) == _tokens(llm.generate([5, 6, 7], GREEDY, use_tqdm=False))
+
+
+def test_seed_out_of_range_is_named():
+    with pytest.raises(ValueError, match=r"seed must be in \[-2\*\*63, 2\*\*64 - n\]"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(ValueError, match=r"\(n=4\), got 18446744073709551614"):
+        SamplingParams(seed=2**64 - 2, n=4)  # sample 3 would use seed + 3
+    SamplingParams(seed=2**64 - 4, n=4)
+
+
+def test_bad_kv_cache_space_is_named(model_dir, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    for value in ("abc", "-1", "nan"):
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", value)
+        with pytest.raises(ValueError, match=f"VLLM_CPU_KVCACHE_SPACE='{value}' is not a size"):
+            EngineArgs(model=model_dir, device="cpu").create_engine_config()
+
+
 def test_unknown_kwarg_is_a_type_error(model_dir):
     with pytest.raises(TypeError, match="max_num_seq\\b"):
         LLM(model=model_dir, max_num_seq=4)  # typo of max_num_seqs

@@ -225,7 +225,16 @@ class CacheConfig:
                 f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}."
             )
         if self.cpu_kvcache_space_bytes is None:
-            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4") or 4)
+            value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4") or "4"
+            try:
+                gib = float(value)
+            except ValueError:
+                gib = float("nan")
+            if not gib > 0:  # also NaN
+                raise ValueError(
+                    f"VLLM_CPU_KVCACHE_SPACE={value!r} is not a size: give the CPU KV cache "
+                    "budget in GiB as a positive number, e.g. VLLM_CPU_KVCACHE_SPACE=4."
+                )
             self.cpu_kvcache_space_bytes = int(gib * (1 << 30))
 
 

@@ -133,8 +133,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disable) or at least 0, got {self.top_k}.")
         if not 0.0 <= _float("min_p", self.min_p) <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
-        if self.seed is not None:
-            _int("seed", self.seed)
+        if self.seed is not None and not -(2**63) <= _int("seed", self.seed) <= 2**64 - self.n:
+            # Sample i of n uses seed + i, a 64-bit generator seed.
+            raise ValueError(f"seed must be in [-2**63, 2**64 - n] (n={self.n}), got {self.seed}.")
         if self.max_tokens is not None and _int("max_tokens", self.max_tokens) < 1:
             raise ValueError(f"max_tokens must be at least 1 (or None), got {self.max_tokens}.")
         if _int("min_tokens", self.min_tokens) < 0:

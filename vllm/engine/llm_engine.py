@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -37,6 +38,20 @@ class _Request:
     seqs: list[Sequence]
     output_kind: RequestOutputKind
     stats: RequestStateStats
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """Prompt token ids as a list of ints; numpy integers are taken, anything else is not."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise TypeError(f"Prompt token ids must be a list of integers, got {ids!r:.50}.")
+    out = []
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(
+                f"Prompt token ids must be integers; item {i} is {t!r} ({type(t).__name__})."
+            )
+        out.append(int(t))
+    return out
 
 
 def get_executor_class(vllm_config: VllmConfig) -> type[ExecutorBase]:
@@ -199,17 +214,17 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:
                 return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
             raise ValueError(
                 f"A dict prompt needs 'prompt' or 'prompt_token_ids'; got keys {sorted(prompt)}."
             )
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_ids(prompt)
         raise TypeError(
-            f"Unsupported prompt type {type(prompt).__name__}: use a string, a list of token "
-            "ids, or a dict with 'prompt' or 'prompt_token_ids'."
+            f"Unsupported prompt {prompt!r:.50} of type {type(prompt).__name__}: use a string, "
+            "a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'."
         )
 
     def abort_request(self, request_id: str | list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -86,8 +87,8 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             return [prompts]
         prompts = list(prompts)
-        if prompts and all(isinstance(t, int) for t in prompts):
-            return [prompts]  # one prompt given as token ids
+        if prompts and all(isinstance(t, numbers.Number) for t in prompts):
+            return [prompts]  # one prompt given as token ids (checked by the engine)
         return prompts
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
