@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,3 +133,22 @@ def test_refuses_non_directory_model_and_lora(model_dirs, tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["save-sharded-state", "--model", model_dirs("llama")])  # --output required
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--file-pattern", "shard-{rank}.safetensors"], "must contain {rank} and {part}"),
+        (["--file-pattern", "../x-{rank}-{part}"], "must be a file name, not a path"),
+        (["--max-file-size", "0"], "max_size must be at least 1 byte, got 0"),
+    ],
+)
+def test_bad_save_options_are_refused_before_loading(model_dirs, tmp_path, flags, message):
+    """Checked before the model loads (here it could not: the directory has no weights),
+    and no output directory is left behind."""
+    no_weights = tmp_path / "model"
+    shutil.copytree(model_dirs("llama"), no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cli_main(["save-sharded-state", "--model", str(no_weights), "-o", str(out), *flags])
+    assert not out.exists()

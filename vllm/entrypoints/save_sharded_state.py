@@ -85,6 +85,8 @@ def copy_metadata_files(model_path: str, output: str) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     """Upstream's example, step by step."""
     from vllm import LLM, EngineArgs
+    from vllm.model_executor.model_loader.sharded_state_format import validate_pattern
+    from vllm.model_executor.model_loader.sharded_state_saver import parse_max_size
 
     engine_args = EngineArgs.from_cli_args(args)
     if engine_args.enable_lora:
@@ -98,10 +100,21 @@ def main(args: argparse.Namespace) -> None:
             f"--model must be a local model directory, got {model_path!r} (models are never "
             "downloaded; the directory's config and tokenizer files are copied to --output)."
         )
+    # The save's own options are checked before the model loads.
+    if args.file_pattern is not None:
+        validate_pattern(args.file_pattern)
+    parse_max_size(args.max_file_size)
     llm = LLM(**dataclasses.asdict(engine_args))
-    Path(args.output).mkdir(exist_ok=True)
-    # Every rank writes its own files, then the directory is swapped in atomically.
-    llm.llm_engine.model_executor.save_sharded_state(
-        path=args.output, pattern=args.file_pattern, max_size=args.max_file_size
-    )
+    output = Path(args.output)
+    created = not output.exists()
+    output.mkdir(exist_ok=True)
+    try:
+        # Every rank writes its own files, then the directory is swapped in atomically.
+        llm.llm_engine.model_executor.save_sharded_state(
+            path=args.output, pattern=args.file_pattern, max_size=args.max_file_size
+        )
+    except BaseException:
+        if created and not any(output.iterdir()):
+            output.rmdir()  # leave no empty directory behind a failed save
+        raise
     copy_metadata_files(model_path, args.output)

@@ -77,7 +77,7 @@ def save_sharded_state(
     a file of its own.
     """
     pattern = validate_pattern(DEFAULT_PATTERN if pattern is None else pattern)
-    max_size = _parse_max_size(max_size)
+    max_size = parse_max_size(max_size)
     rank = get_tensor_model_parallel_rank()
     world = get_tensor_model_parallel_world_size()
     target = os.path.realpath(path)
@@ -116,7 +116,8 @@ def save_sharded_state(
         )
 
 
-def _parse_max_size(max_size: int | str | None) -> int | None:
+def parse_max_size(max_size: int | str | None) -> int | None:
+    """``max_size`` in bytes (None: no limit); raises naming a value that is not one."""
     if max_size is None:
         return None
     try:
