@@ -3,9 +3,11 @@ loader's "Loading weights took" line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import struct
 import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -727,3 +729,37 @@ def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch, staged)
     prefix = "model.layers.1.self_attn."
     qkv = torch.cat([state[prefix + p + "_proj.weight"] for p in "qkv"])
     assert torch.equal(params[prefix + "qkv_proj.weight"], qkv)
+
+
+def _with_header(path, edit) -> None:
+    """Rewrite a safetensors file's header JSON in place, keeping its data bytes."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+@pytest.mark.parametrize("case", ["overlap", "gap-at-start", "negative-dim"])
+def test_header_offsets_must_tile_the_data(tmp_path, case):
+    """What the safetensors library refuses, read_header refuses too: here a tensor whose
+    offsets point at another tensor's bytes (an HF q_proj read as its o_proj)."""
+    path = str(tmp_path / "m.safetensors")
+    save_file({k: torch.full((2, 2), float(i)) for i, k in enumerate("abc")}, path)
+
+    def edit(header):
+        if case == "overlap":
+            header["b"]["data_offsets"] = header["a"]["data_offsets"]
+        elif case == "gap-at-start":
+            header.pop("a")
+        else:
+            header["c"]["shape"] = [-2, -2]
+
+    _with_header(path, edit)
+    with pytest.raises(Exception):  # noqa: B017 - the library's own error type varies
+        with safe_open(path, "pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+    with pytest.raises(ShardFileError, match=str(path)):
+        read_header(path)

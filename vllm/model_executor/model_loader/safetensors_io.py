@@ -163,14 +163,24 @@ def read_header(path: str) -> FileHeader:
         numel = 1
         for d in shape:
             numel *= d
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != numel * dtype.itemsize or begin < 0 or any(d < 0 for d in shape):
             raise ShardFileError(
                 f"{path}: header entry {name!r} spans bytes [{begin}, {end}), which does not "
                 f"fit shape {list(shape)} of {info['dtype']}."
             )
         entries.append(TensorEntry(name, dtype, shape, data_start + begin, data_start + end))
-    entries.sort(key=lambda e: e.start)
-    data_end = max((e.end for e in entries), default=data_start)
+    entries.sort(key=lambda e: (e.start, e.end))
+    # As the safetensors library: the tensors tile the data section, in order, with no
+    # overlap (two names for the same bytes) and no gap.
+    data_end = data_start
+    for e in entries:
+        if e.start != data_end:
+            raise ShardFileError(
+                f"{path}: header entry {e.name!r} starts at data byte {e.start - data_start}, "
+                f"but the tensors before it end at {data_end - data_start}: tensors must "
+                "cover the data section in order, without overlap or gap."
+            )
+        data_end = e.end
     if data_end != size:
         what = "truncated" if data_end > size else "longer than its header describes"
         raise ShardFileError(
