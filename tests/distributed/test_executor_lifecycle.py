@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -100,6 +101,39 @@ def test_killing_a_worker_mid_generation_raises_quickly(model_dir):
     with pytest.raises(RuntimeError, match="no longer running.*rank 1"):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     del llm
+
+
+def test_stopped_worker_mid_generation_fails_within_the_bound(model_dir, monkeypatch):
+    """A worker that stops answering (SIGSTOP, stuck in the kernel) fails generate() within
+    VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS, naming it, instead of gloo's 600 s; no process is
+    left once it is allowed to go on."""
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3")
+    llm = LLM(model=model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
+    pids = llm.llm_engine.model_executor.worker_pids
+    stopper = threading.Timer(1.0, os.kill, args=(pids[1], signal.SIGSTOP))
+    long_run = SamplingParams(temperature=0, max_tokens=480, ignore_eos=True)
+    start = time.monotonic()
+    stopper.start()
+    try:
+        with pytest.raises(TimeoutError, match=r"within 3 s: .*rank 1 \(pid \d+\) is stopped"):
+            llm.generate(PROMPTS * 2, long_run, use_tqdm=False)
+        assert time.monotonic() - start < 20
+    finally:
+        stopper.join()
+        with contextlib.suppress(ProcessLookupError):  # it was killed already
+            os.kill(pids[1], signal.SIGCONT)
+    assert _wait_gone(pids, timeout=5.0) == []
+    assert _our_children() == []
+    with pytest.raises(RuntimeError, match="no longer running.*took longer than 3 s"):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm
+
+
+def test_bad_execute_model_timeout_is_named(model_dir, monkeypatch):
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "soon")
+    with pytest.raises(ValueError, match="VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS='soon'"):
+        LLM(model=model_dir, tensor_parallel_size=2, **ENGINE_ARGS)
+    assert _our_children() == []
 
 
 def test_killing_the_driver_between_steps_raises(model_dir):

@@ -36,9 +36,12 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+import psutil
+
 from vllm.config import VllmConfig
 from vllm.executor.executor_base import ExecutorBase
 from vllm.logger import init_logger
+from vllm.sequence import ModelRunnerOutput, SchedulerOutput
 from vllm.utils import get_open_port
 
 logger = init_logger(__name__)
@@ -52,6 +55,25 @@ JOIN_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0
 # How many times start-up is retried when the rendezvous port was taken meanwhile.
 PORT_ATTEMPTS = 3
+# How long one engine step may take on the workers before they are presumed hung (a
+# stopped process, one stuck in the kernel) and stopped; upstream's variable and name.
+EXECUTE_MODEL_TIMEOUT_ENV = "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
+EXECUTE_MODEL_TIMEOUT_S = 30.0
+
+
+def execute_model_timeout() -> float:
+    value = os.environ.get(EXECUTE_MODEL_TIMEOUT_ENV, "")
+    try:
+        timeout = float(value) if value else EXECUTE_MODEL_TIMEOUT_S
+    except ValueError:
+        timeout = float("nan")
+    if not timeout > 0:
+        raise ValueError(
+            f"{EXECUTE_MODEL_TIMEOUT_ENV}={value!r} is not a number of seconds; give a "
+            f"positive number, e.g. {EXECUTE_MODEL_TIMEOUT_S:g}."
+        )
+    return timeout
+
 
 _HEADER = struct.Struct("<q")  # call id in front of each request
 _SHUTDOWN_ID = -1  # a request with this id asks the worker to exit
@@ -81,6 +103,7 @@ class MultiprocExecutor(ExecutorBase):
         self._closed: str | None = None  # why the executor can no longer be used
         self._call_ids = itertools.count()
         self._lock = threading.Lock()  # one call at a time: replies come back in order
+        self.execute_model_timeout = execute_model_timeout()
         try:
             super().__init__(vllm_config)
         except BaseException:
@@ -239,10 +262,25 @@ class MultiprocExecutor(ExecutorBase):
                 raise exc
             raise RuntimeError(f"Worker rank {rank} raised in {name!r}:\n{tb}") from exc
         if pending:
-            raise TimeoutError(
-                f"{name!r} did not finish within {timeout} s on ranks {sorted(pending)}."
+            states = "; ".join(
+                f"rank {w.rank} (pid {w.pid}) is {_process_state(w.pid)}"
+                for w in sorted(pending.values(), key=lambda w: w.rank)
             )
+            raise TimeoutError(f"{name!r} did not finish within {timeout:g} s: {states}.")
         return [results[w.rank] for w in self.workers]
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One step; a step the workers do not finish in time stops them all (one of
+        them is stopped or stuck, the others wait for it in a collective)."""
+        timeout = self.execute_model_timeout
+        try:
+            return self.collective_rpc("execute_model", timeout, args=(scheduler_output,))[0]
+        except TimeoutError as e:
+            self._fail(f"a step took longer than {timeout:g} s")
+            raise TimeoutError(
+                f"{e} The workers were stopped; create a new LLM to continue. If steps are "
+                f"this slow on purpose, raise {EXECUTE_MODEL_TIMEOUT_ENV}."
+            ) from None
 
     @staticmethod
     def _death_cause(w: WorkerProcHandle) -> str:
@@ -298,6 +336,15 @@ class MultiprocExecutor(ExecutorBase):
     @property
     def worker_pids(self) -> list[int | None]:
         return [w.pid for w in self.workers]
+
+
+def _process_state(pid: int | None) -> str:
+    """What a worker process is doing, as the OS says ('stopped', 'disk-sleep', ...)."""
+    try:
+        status = psutil.Process(pid).status()
+    except (psutil.Error, ValueError, TypeError):
+        return "gone"
+    return "still working" if status in ("running", "sleeping") else status
 
 
 def _port_was_taken(e: BaseException) -> bool:
