@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -282,3 +283,35 @@ def test_relative_path_is_the_callers_at_tp2(model_dirs, tmp_path, monkeypatch):
         "model-rank-1-part-0.safetensors",
         MANIFEST,
     ]
+
+
+@pytest.fixture
+def mount_in_ckpt(ckpt):
+    """A real tmpfs mounted at ``ckpt/data`` (mounting needs root, as CI has)."""
+    data = os.path.join(ckpt, "data")
+    os.mkdir(data)
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", data], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield data
+    subprocess.run(["umount", "-l", data], check=False)
+
+
+def test_mount_point_inside_the_target_is_refused_and_kept(source, ckpt, mount_in_ckpt):
+    """A save swaps the target's contents out and deletes them: with a mount inside, that
+    would delete another filesystem's files. It is refused, and nothing is touched."""
+    _, llm, _ = source
+    precious = os.path.join(mount_in_ckpt, "precious.txt")
+    with open(precious, "w") as f:
+        f.write("keep me")
+    before = sorted(os.listdir(ckpt))
+    with pytest.raises(ValueError, match=f"{mount_in_ckpt} inside it is a mount point"):
+        llm.save_sharded_state(ckpt)
+    assert sorted(os.listdir(ckpt)) == before
+    assert open(precious).read() == "keep me"
+    assert os.path.ismount(mount_in_ckpt)
+
+
+def test_root_is_refused_as_a_target(source):
+    _, llm, _ = source
+    with pytest.raises(ValueError, match="Cannot save a sharded state to /: it is the root"):
+        llm.save_sharded_state("/")

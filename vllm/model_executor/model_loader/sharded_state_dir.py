@@ -48,12 +48,43 @@ def _can_swap(target: str) -> bool:
         return False
 
 
+def _nested_mount(target: str) -> str | None:
+    """A directory inside ``target`` that is another filesystem's mount point, if any."""
+    device = os.stat(target).st_dev
+    for dirpath, dirnames, _ in os.walk(target):
+        for d in list(dirnames):
+            path = os.path.join(dirpath, d)
+            try:
+                if os.path.ismount(path) or os.lstat(path).st_dev != device:
+                    return path
+            except OSError:
+                dirnames.remove(d)
+    return None
+
+
 def make_temp_dir(target: str) -> str:
-    """Create the temporary directory for a save into ``target`` (an absolute path)."""
+    """Create the temporary directory for a save into ``target`` (an absolute path).
+
+    Refuses a filesystem root, and a target to be swapped that has a mount point inside:
+    the swap would move that mount with the old contents, and deleting those would
+    delete the other filesystem's files.
+    """
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"Cannot save to {target}: it exists and is not a directory.")
     parent, name = os.path.split(target)
+    if not name:
+        raise ValueError(
+            f"Cannot save a sharded state to {target}: it is the root directory. Save to a "
+            "directory of its own, e.g. /checkpoints/model."
+        )
     inside = os.path.isdir(target) and not _can_swap(target)
+    mount = None if inside or not os.path.isdir(target) else _nested_mount(target)
+    if mount is not None:
+        raise ValueError(
+            f"Cannot save to {target}: {mount} inside it is a mount point of another "
+            "filesystem, and a save replaces the directory's contents. Save to a directory "
+            "without mounts inside, or unmount it first."
+        )
     if not inside:
         os.makedirs(parent, exist_ok=True)
     remove_stale_temp_dirs(target)
