@@ -315,3 +315,26 @@ def test_root_is_refused_as_a_target(source):
     _, llm, _ = source
     with pytest.raises(ValueError, match="Cannot save a sharded state to /: it is the root"):
         llm.save_sharded_state("/")
+
+
+def test_file_created_while_the_save_finishes_is_kept(source, ckpt, monkeypatch):
+    """A file that appears in the target after its other files were carried over, just
+    before the swap, must not be deleted with the replaced contents."""
+    from vllm.model_executor.model_loader import sharded_state_dir
+
+    _, llm, tokens = source
+    real_commit = sharded_state_dir.commit
+
+    def commit_after_a_write(tmp: str, target: str):
+        with open(os.path.join(target, "late-notes.txt"), "w") as f:
+            f.write("written during the save")
+        return real_commit(tmp, target)
+
+    monkeypatch.setattr(sharded_state_dir, "commit", commit_after_a_write)
+    llm.save_sharded_state(ckpt)
+    with open(os.path.join(ckpt, "late-notes.txt")) as f:
+        assert f.read() == "written during the save"
+    assert [n for n in os.listdir(os.path.dirname(ckpt)) if n.startswith(".")] == []
+    loaded = _load(ckpt)
+    assert greedy(loaded, PROMPTS) == tokens
+    shutdown(loaded)

@@ -238,8 +238,30 @@ def install(tmp: str, target: str, is_shard_state: Callable[[str], bool], last: 
     if os.path.dirname(tmp) == target:
         _install_in_place(tmp, target, is_shard_state, last)
         return None
-    carry_over(target, tmp, is_shard_state)
-    return commit(tmp, target)
+    carried = carry_over(target, tmp, is_shard_state)
+    old = commit(tmp, target)
+    if old is not None:
+        keep_late_entries(old, target, set(carried), is_shard_state)
+    return old
+
+
+def keep_late_entries(
+    old: str, target: str, carried: set[str], is_shard_state: Callable[[str], bool]
+) -> list[str]:
+    """Move back into ``target`` what appeared in it between ``carry_over`` and the swap
+    (so it is in ``old`` but was not carried): a save deletes only what it replaces.
+    Returns the names moved back."""
+    kept = []
+    for name in os.listdir(old):
+        if name == MARKER_NAME or name in carried or is_shard_state(name):
+            continue
+        dst = os.path.join(target, name)
+        if os.path.lexists(dst):
+            continue  # cannot happen: the new directory holds only carried or shard names
+        os.rename(os.path.join(old, name), dst)
+        kept.append(name)
+        logger.warning("Kept %s, created in %s while the save was finishing.", dst, target)
+    return kept
 
 
 def split_for_deletion(path: str, parts: int) -> list[list[str]]:
