@@ -763,3 +763,14 @@ def test_header_offsets_must_tile_the_data(tmp_path, case):
             [f.get_tensor(k) for k in f.keys()]
     with pytest.raises(ShardFileError, match=str(path)):
         read_header(path)
+
+
+def test_disk_full_error_names_the_file():
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    import errno
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError, match="Cannot write /dev/full: No space left") as info:
+        write_file("/dev/full", [("w", torch.ones(4096))])
+    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"

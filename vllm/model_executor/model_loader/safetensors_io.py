@@ -367,6 +367,11 @@ def write_raw(
                 if pending is not None:
                     crc = pending.result()
         os.fsync(fd)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # os.writev and os.fsync name no file: a full disk would say only "No space left".
+        raise OSError(e.errno, f"Cannot write {path}: {e.strerror}", path) from e
     finally:
         os.close(fd)
     return size, crc
