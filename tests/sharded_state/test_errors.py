@@ -251,7 +251,8 @@ def test_saving_again_replaces_old_shards(source, ckpt):
 
 
 def test_saving_into_a_mount_point_replaces_in_place(source, ckpt, monkeypatch):
-    """Where the target cannot be swapped (e.g. a Docker volume), files move in one by one."""
+    """Where the target cannot be swapped (its parent is not writable), files move in one
+    by one."""
     from vllm.model_executor.model_loader import sharded_state_dir
 
     src, llm, tokens = source
@@ -309,6 +310,13 @@ def test_mount_point_inside_the_target_is_refused_and_kept(source, ckpt, mount_i
     assert sorted(os.listdir(ckpt)) == before
     assert open(precious).read() == "keep me"
     assert os.path.ismount(mount_in_ckpt)
+
+
+def test_mount_point_is_refused_as_a_target(source, mount_in_ckpt):
+    _, llm, _ = source
+    with pytest.raises(ValueError, match=f"Cannot save a sharded state to {mount_in_ckpt}: it is"):
+        llm.save_sharded_state(mount_in_ckpt)
+    assert os.listdir(mount_in_ckpt) == []
 
 
 def test_root_is_refused_as_a_target(source):

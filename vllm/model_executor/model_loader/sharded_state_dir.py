@@ -13,9 +13,14 @@ into the same target removes.
 Files in the target that are not part of a sharded state (config, tokenizer, ...) are
 carried over into the new directory as hard links (copies where links are impossible).
 
-Where the target cannot be swapped (a mount point, e.g. a Docker volume; a parent on
-another filesystem or not writable), the temporary directory goes inside the target and
-the files are moved in one by one while the target itself holds the marker.
+Where the target cannot be swapped (its parent is on another filesystem or not
+writable), the temporary directory goes inside the target and the files are moved in
+one by one while the target itself holds the marker. A mount point, the root directory,
+and a target with a mount point inside are refused.
+
+A swap gives the target a new inode: a process whose current directory was the target
+(a caller that saved into ".") still sits in the old, deleted directory until it
+changes into the path again.
 """
 
 from __future__ import annotations
@@ -76,6 +81,12 @@ def make_temp_dir(target: str) -> str:
         raise ValueError(
             f"Cannot save a sharded state to {target}: it is the root directory. Save to a "
             "directory of its own, e.g. /checkpoints/model."
+        )
+    if os.path.ismount(target):
+        raise ValueError(
+            f"Cannot save a sharded state to {target}: it is a mount point (the root of a "
+            "filesystem, e.g. a Docker volume), which a save cannot replace atomically. "
+            f"Save to a directory inside it, e.g. {os.path.join(target, 'model')}."
         )
     inside = os.path.isdir(target) and not _can_swap(target)
     mount = None if inside or not os.path.isdir(target) else _nested_mount(target)
