@@ -120,6 +120,35 @@ def test_fused_weight_missing_a_piece_is_refused_at_tp2(model_dir, tmp_path):
         LLM(model=dst, tensor_parallel_size=2, device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("name", "dim", "change"),
+    [
+        ("model.layers.0.mlp.down_proj.weight", 1, -2),  # row-parallel, too narrow
+        ("model.layers.0.mlp.down_proj.weight", 1, 128),  # too wide: each rank's slice fits
+        ("model.layers.1.self_attn.k_proj.weight", 0, 32),  # a fused piece, too tall
+        ("model.layers.1.mlp.up_proj.weight", 0, 2),
+    ],
+)
+def test_shape_mismatch_at_tp2_names_the_tensor(model_dir, tmp_path, name, dim, change):
+    """At TP=2 each rank loads a slice: a checkpoint tensor of the wrong size must be
+    refused even where both slices would fit in it (a wrong model, silently)."""
+
+    def resize(state):
+        t = state[name]
+        size = t.shape[dim] + change
+        if change > 0:
+            extra = torch.zeros_like(t.narrow(dim, 0, 1)).expand(
+                *[change if d == dim else s for d, s in enumerate(t.shape)]
+            )
+            state[name] = torch.cat([t, extra], dim).contiguous()
+        else:
+            state[name] = t.narrow(dim, 0, size).contiguous()
+
+    dst = _rewrite(model_dir, str(tmp_path / "shape"), resize)
+    with pytest.raises(ValueError, match=rf"{name}.*(?i:shape mismatch)"):
+        LLM(model=dst, tensor_parallel_size=2, device="cpu")
+
+
 def test_integer_tensor_for_a_float_parameter_is_refused(model_dir, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
 

@@ -34,8 +34,19 @@ def weight_shape(w: LoadedWeight) -> tuple[int, ...]:
     return tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
 
 
-def narrow_weight(w: LoadedWeight, dim: int, start: int, length: int) -> LoadedWeight:
-    """``w.narrow(dim, start, length)`` that reads only that range from a lazy slice."""
+def narrow_weight(
+    w: LoadedWeight, dim: int, start: int, length: int, full: int | None = None
+) -> LoadedWeight:
+    """``w.narrow(dim, start, length)`` that reads only that range from a lazy slice.
+
+    ``full``: the size ``w`` must have along ``dim`` (the whole tensor a rank takes its
+    slice of); a checkpoint tensor of another size is refused, not sliced anyway.
+    """
+    if full is not None and weight_shape(w)[dim] != full:
+        raise ValueError(
+            f"Shape mismatch: the checkpoint has {weight_shape(w)}, the model expects size "
+            f"{full} along dimension {dim} (before it is split across ranks)."
+        )
     if isinstance(w, torch.Tensor) or hasattr(w, "narrow"):
         return w.narrow(dim, start, length)
     index = [slice(None)] * len(weight_shape(w))

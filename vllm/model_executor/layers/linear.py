@@ -192,7 +192,8 @@ class ColumnParallelLinear(LinearBase):
         self, param: nn.Parameter, loaded_weight: LoadedWeight, shard_id=None
     ) -> None:
         shard = param.data.shape[0]
-        copy_weight(param.data, narrow_weight(loaded_weight, 0, self.tp_rank * shard, shard))
+        src = narrow_weight(loaded_weight, 0, self.tp_rank * shard, shard, shard * self.tp_size)
+        copy_weight(param.data, src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, self.bias)
@@ -228,7 +229,13 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         local = [divide(s, self.tp_size, "output size") for s in self.output_sizes]
         start = sum(local[:shard_id])
         dst = param.data.narrow(0, start, local[shard_id])
-        src = narrow_weight(loaded_weight, 0, self.tp_rank * local[shard_id], local[shard_id])
+        src = narrow_weight(
+            loaded_weight,
+            0,
+            self.tp_rank * local[shard_id],
+            local[shard_id],
+            self.output_sizes[shard_id],
+        )
         copy_weight(dst, src)
 
 
@@ -286,15 +293,16 @@ class QKVParallelLinear(ColumnParallelLinear):
             return
         if shard_id == "q":
             dst_start, size, src_start = 0, self.q_size, self.tp_rank * self.q_size
+            full = self.total_num_heads * self.head_size
         elif shard_id in ("k", "v"):
             kv_rank = self.tp_rank // self.num_kv_head_replicas
             dst_start = self.q_size + (self.kv_size if shard_id == "v" else 0)
             size, src_start = self.kv_size, kv_rank * self.kv_size
+            full = self.total_num_kv_heads * self.head_size
         else:
             raise ValueError(f"Unknown shard_id {shard_id!r} for QKVParallelLinear.")
-        copy_weight(
-            param.data.narrow(0, dst_start, size), narrow_weight(loaded_weight, 0, src_start, size)
-        )
+        src = narrow_weight(loaded_weight, 0, src_start, size, full)
+        copy_weight(param.data.narrow(0, dst_start, size), src)
 
 
 class RowParallelLinear(LinearBase):
@@ -329,7 +337,8 @@ class RowParallelLinear(LinearBase):
             copy_weight(param.data, loaded_weight)
             return
         shard = param.data.shape[1]
-        copy_weight(param.data, narrow_weight(loaded_weight, 1, self.tp_rank * shard, shard))
+        src = narrow_weight(loaded_weight, 1, self.tp_rank * shard, shard, shard * self.tp_size)
+        copy_weight(param.data, src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight)

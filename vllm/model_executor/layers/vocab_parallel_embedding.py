@@ -64,7 +64,7 @@ class VocabParallelEmbedding(nn.Module):
         start = self.vocab_start_index
         n = max(0, min(self.vocab_end_index, self.org_vocab_size) - start)
         param.data[n:].zero_()
-        copy_weight(param.data[:n], narrow_weight(loaded_weight, 0, start, n))
+        copy_weight(param.data[:n], narrow_weight(loaded_weight, 0, start, n, self.org_vocab_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
