@@ -8,6 +8,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from vllm import LLM, SamplingParams
 from vllm.testing import make_model
@@ -180,8 +181,10 @@ def test_token_ids_of_the_wrong_type_are_named(llm):
     for prompt, message in cases.values():
         with pytest.raises((ValueError, TypeError), match=message):
             llm.generate(prompt, GREEDY, use_tqdm=False)
-    as_numpy = llm.generate(list(np.array([5, 6, 7])), GREEDY, use_tqdm=False)
-    assert _tokens(as_numpy) == _tokens(llm.generate([5, 6, 7], GREEDY, use_tqdm=False))
+    as_ints = _tokens(llm.generate([5, 6, 7], GREEDY, use_tqdm=False))
+    assert _tokens(llm.generate(list(np.array([5, 6, 7])), GREEDY, use_tqdm=False)) == as_ints
+    as_tensor = {"prompt_token_ids": torch.tensor([5, 6, 7])}  # a tokenizer's return_tensors
+    assert _tokens(llm.generate(as_tensor, GREEDY, use_tqdm=False)) == as_ints
 
 
 def test_seed_out_of_range_is_named():
@@ -195,10 +198,13 @@ def test_seed_out_of_range_is_named():
 def test_bad_kv_cache_space_is_named(model_dir, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
 
-    for value in ("abc", "-1", "nan"):
+    for value in ("abc", "-1", "nan", "inf"):
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", value)
         with pytest.raises(ValueError, match=f"VLLM_CPU_KVCACHE_SPACE='{value}' is not a size"):
             EngineArgs(model=model_dir, device="cpu").create_engine_config()
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "0")  # upstream's "the default"
+    config = EngineArgs(model=model_dir, device="cpu").create_engine_config()
+    assert config.cache_config.cpu_kvcache_space_bytes == 4 << 30
 
 
 def test_unknown_kwarg_is_a_type_error(model_dir):

@@ -149,6 +149,19 @@ def test_shape_mismatch_at_tp2_names_the_tensor(model_dir, tmp_path, name, dim, 
         LLM(model=dst, tensor_parallel_size=2, device="cpu")
 
 
+def test_fused_checkpoint_tensor_of_the_wrong_size_is_refused(tmp_path):
+    """GPT-2's c_attn holds q, k and v in one tensor: extra rows are not cut off."""
+    src = make_model("gpt2", str(tmp_path / "gpt2"), vocab_size=1000)
+
+    def taller(state):  # Conv1D stores (in, out): 8 more output features
+        w = state["transformer.h.0.attn.c_attn.weight"]
+        state["transformer.h.0.attn.c_attn.weight"] = torch.cat([w, w[:, :8]], 1).contiguous()
+
+    dst = _rewrite(src, str(tmp_path / "taller"), taller)
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.weight.*(?i:shape mismatch)"):
+        LLM(model=dst)
+
+
 def test_integer_tensor_for_a_float_parameter_is_refused(model_dir, tmp_path):
     name = "model.layers.0.mlp.down_proj.weight"
 

@@ -742,6 +742,15 @@ def _with_header(path, edit) -> None:
     open(path, "wb").write(struct.pack("<Q", len(text)) + text + raw[8 + n :])
 
 
+def test_null_metadata_reads_as_safetensors_reads_it(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": torch.ones(2)}, path)
+    _with_header(path, lambda header: header.update({"__metadata__": None}))
+    with safe_open(path, "pt") as f:
+        assert f.get_tensor("a").tolist() == [1.0, 1.0]
+    assert [e.name for e in read_header(path).tensors] == ["a"]
+
+
 @pytest.mark.parametrize("case", ["overlap", "gap-at-start", "negative-dim"])
 def test_header_offsets_must_tile_the_data(tmp_path, case):
     """What the safetensors library refuses, read_header refuses too: here a tensor whose

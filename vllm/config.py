@@ -227,10 +227,10 @@ class CacheConfig:
         if self.cpu_kvcache_space_bytes is None:
             value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4") or "4"
             try:
-                gib = float(value)
+                gib = float(value) or 4.0  # 0 means the default, as upstream
             except ValueError:
                 gib = float("nan")
-            if not gib > 0:  # also NaN
+            if not 0 < gib < float("inf"):  # also NaN
                 raise ValueError(
                     f"VLLM_CPU_KVCACHE_SPACE={value!r} is not a size: give the CPU KV cache "
                     "budget in GiB as a positive number, e.g. VLLM_CPU_KVCACHE_SPACE=4."

@@ -129,6 +129,15 @@ def test_stopped_worker_mid_generation_fails_within_the_bound(model_dir, monkeyp
     del llm
 
 
+def test_execute_model_timeout_values(monkeypatch):
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "inf")
+    assert multiproc_executor.execute_model_timeout() is None  # no bound
+    monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1e12")
+    assert multiproc_executor.execute_model_timeout() == 1e6  # what wait() takes
+    monkeypatch.delenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS")
+    assert multiproc_executor.execute_model_timeout() == 30
+
+
 def test_bad_execute_model_timeout_is_named(model_dir, monkeypatch):
     monkeypatch.setenv("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "soon")
     with pytest.raises(ValueError, match="VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS='soon'"):

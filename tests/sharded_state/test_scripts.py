@@ -152,3 +152,5 @@ def test_bad_save_options_are_refused_before_loading(model_dirs, tmp_path, flags
     with pytest.raises(ValueError, match=re.escape(message)):
         cli_main(["save-sharded-state", "--model", str(no_weights), "-o", str(out), *flags])
     assert not out.exists()
+    with pytest.raises(ValueError, match="it is the root directory"):  # the target, too
+        cli_main(["save-sharded-state", "--model", str(no_weights), "-o", "/"])

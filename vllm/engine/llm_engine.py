@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import numbers
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -46,11 +46,14 @@ def _token_ids(ids: Any) -> list[int]:
         raise TypeError(f"Prompt token ids must be a list of integers, got {ids!r:.50}.")
     out = []
     for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            out.append(operator.index(t))  # ints, numpy integers, 0-d integer tensors
+        except TypeError:
             raise ValueError(
                 f"Prompt token ids must be integers; item {i} is {t!r} ({type(t).__name__})."
-            )
-        out.append(int(t))
+            ) from None
     return out
 
 

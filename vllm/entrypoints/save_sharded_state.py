@@ -10,6 +10,7 @@ only that rank's files:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -85,6 +86,7 @@ def copy_metadata_files(model_path: str, output: str) -> list[str]:
 def main(args: argparse.Namespace) -> None:
     """Upstream's example, step by step."""
     from vllm import LLM, EngineArgs
+    from vllm.model_executor.model_loader.sharded_state_dir import check_target
     from vllm.model_executor.model_loader.sharded_state_format import validate_pattern
     from vllm.model_executor.model_loader.sharded_state_saver import parse_max_size
 
@@ -104,6 +106,7 @@ def main(args: argparse.Namespace) -> None:
     if args.file_pattern is not None:
         validate_pattern(args.file_pattern)
     parse_max_size(args.max_file_size)
+    check_target(args.output)
     llm = LLM(**dataclasses.asdict(engine_args))
     output = Path(args.output)
     created = not output.exists()
@@ -114,7 +117,8 @@ def main(args: argparse.Namespace) -> None:
             path=args.output, pattern=args.file_pattern, max_size=args.max_file_size
         )
     except BaseException:
-        if created and not any(output.iterdir()):
-            output.rmdir()  # leave no empty directory behind a failed save
+        with contextlib.suppress(OSError):  # never hide the save's own error
+            if created and not any(output.iterdir()):
+                output.rmdir()  # leave no empty directory behind a failed save
         raise
     copy_metadata_files(model_path, args.output)

@@ -55,13 +55,18 @@ JOIN_TIMEOUT_S = 5.0
 PARENT_POLL_S = 1.0
 # How many times start-up is retried when the rendezvous port was taken meanwhile.
 PORT_ATTEMPTS = 3
-# How long one engine step may take on the workers before they are presumed hung (a
-# stopped process, one stuck in the kernel) and stopped; upstream's variable and name.
+# How long one engine step may take before the workers are looked at: one that the OS
+# reports stopped or stuck (SIGSTOP, a hang in the kernel) fails the step and all are
+# stopped; while all are still working, the step goes on. Upstream's variable name.
 EXECUTE_MODEL_TIMEOUT_ENV = "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
 EXECUTE_MODEL_TIMEOUT_S = 30.0
+_MAX_WAIT_S = 1e6  # multiprocessing's wait() takes no larger timeout
+# psutil states of a process that is not going to answer.
+_STUCK_STATES = frozenset({"stopped", "tracing-stop", "disk-sleep", "zombie", "dead", "gone"})
 
 
-def execute_model_timeout() -> float:
+def execute_model_timeout() -> float | None:
+    """The step bound in seconds (None: 'inf', no bound)."""
     value = os.environ.get(EXECUTE_MODEL_TIMEOUT_ENV, "")
     try:
         timeout = float(value) if value else EXECUTE_MODEL_TIMEOUT_S
@@ -70,9 +75,9 @@ def execute_model_timeout() -> float:
     if not timeout > 0:
         raise ValueError(
             f"{EXECUTE_MODEL_TIMEOUT_ENV}={value!r} is not a number of seconds; give a "
-            f"positive number, e.g. {EXECUTE_MODEL_TIMEOUT_S:g}."
+            f"positive number, e.g. {EXECUTE_MODEL_TIMEOUT_S:g}, or 'inf' for no bound."
         )
-    return timeout
+    return None if timeout == float("inf") else min(timeout, _MAX_WAIT_S)
 
 
 _HEADER = struct.Struct("<q")  # call id in front of each request
@@ -179,6 +184,16 @@ class MultiprocExecutor(ExecutorBase):
         answered; RuntimeError naming the rank and cause when a worker died, after which
         the executor is unusable; TimeoutError after ``timeout`` seconds.
         """
+        return self._call(method, timeout, args, kwargs)
+
+    def _call(
+        self,
+        method: str | Callable[..., Any],
+        timeout: float | None,
+        args: tuple,
+        kwargs: dict[str, Any] | None,
+        patient: bool = False,
+    ) -> list[Any]:
         if self._closed is not None:
             raise RuntimeError(f"The workers are no longer running ({self._closed}).")
         try:
@@ -199,9 +214,13 @@ class MultiprocExecutor(ExecutorBase):
                 # Some ranks got the call and others not: they would wait for each other.
                 self._fail("interrupted while sending a call to the workers")
                 raise
-            return self._collect(call_id, method, timeout)
+            return self._collect(call_id, method, timeout, patient)
 
-    def _collect(self, call_id: int, method: Any, timeout: float | None) -> list[Any]:
+    def _collect(
+        self, call_id: int, method: Any, timeout: float | None, patient: bool = False
+    ) -> list[Any]:
+        """``patient``: past ``timeout``, keep waiting while every pending rank's process
+        is still working; give up only once one is stopped or stuck."""
         name = getattr(method, "__name__", method)
         results: dict[int, Any] = {}
         errors: dict[int, tuple[BaseException, str]] = {}
@@ -214,6 +233,14 @@ class MultiprocExecutor(ExecutorBase):
             remaining = max(0.0, min(ends) - time.monotonic()) if ends else None
             waitables = [w.conn for w in pending.values()] + [w.proc.sentinel for w in self.workers]
             ready = wait(waitables, remaining)
+            if not ready and patient and deadline is not None and time.monotonic() >= deadline:
+                if not any(_process_state(w.pid) in _STUCK_STATES for w in pending.values()):
+                    logger.warning(
+                        "%r has run for over %g s more on ranks %s, which are still working.",
+                        getattr(method, "__name__", method), timeout, sorted(pending),
+                    )  # fmt: skip
+                    deadline = time.monotonic() + (timeout or 0)
+                    continue
             if not ready:
                 break
             for w in list(pending.values()):
@@ -270,16 +297,15 @@ class MultiprocExecutor(ExecutorBase):
         return [results[w.rank] for w in self.workers]
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """One step; a step the workers do not finish in time stops them all (one of
-        them is stopped or stuck, the others wait for it in a collective)."""
+        """One step. Past the step bound, a worker the OS reports stopped or stuck fails
+        the step and all workers are stopped (the others wait for it in a collective)."""
         timeout = self.execute_model_timeout
         try:
-            return self.collective_rpc("execute_model", timeout, args=(scheduler_output,))[0]
+            return self._call("execute_model", timeout, (scheduler_output,), None, True)[0]
         except TimeoutError as e:
-            self._fail(f"a step took longer than {timeout:g} s")
+            self._fail(f"a step took longer than {timeout:g} s and a worker stopped answering")
             raise TimeoutError(
-                f"{e} The workers were stopped; create a new LLM to continue. If steps are "
-                f"this slow on purpose, raise {EXECUTE_MODEL_TIMEOUT_ENV}."
+                f"{e} The workers were stopped; create a new LLM to continue."
             ) from None
 
     @staticmethod

@@ -34,6 +34,15 @@ def weight_shape(w: LoadedWeight) -> tuple[int, ...]:
     return tuple(w.shape) if isinstance(w, torch.Tensor) else tuple(w.get_shape())
 
 
+def check_size(w: LoadedWeight, dim: int, full: int) -> None:
+    """Refuse a checkpoint tensor whose size along ``dim`` is not ``full``."""
+    if weight_shape(w)[dim] != full:
+        raise ValueError(
+            f"Shape mismatch: the checkpoint has {weight_shape(w)}, the model expects size "
+            f"{full} along dimension {dim} (before it is split across ranks)."
+        )
+
+
 def narrow_weight(
     w: LoadedWeight, dim: int, start: int, length: int, full: int | None = None
 ) -> LoadedWeight:
@@ -42,11 +51,8 @@ def narrow_weight(
     ``full``: the size ``w`` must have along ``dim`` (the whole tensor a rank takes its
     slice of); a checkpoint tensor of another size is refused, not sliced anyway.
     """
-    if full is not None and weight_shape(w)[dim] != full:
-        raise ValueError(
-            f"Shape mismatch: the checkpoint has {weight_shape(w)}, the model expects size "
-            f"{full} along dimension {dim} (before it is split across ranks)."
-        )
+    if full is not None:
+        check_size(w, dim, full)
     if isinstance(w, torch.Tensor) or hasattr(w, "narrow"):
         return w.narrow(dim, start, length)
     index = [slice(None)] * len(weight_shape(w))

@@ -24,6 +24,7 @@ from vllm.distributed import (
 )
 from vllm.model_executor.utils import (
     LoadedWeight,
+    check_size,
     copy_weight,
     narrow_weight,
     set_weight_attrs,
@@ -221,6 +222,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded_weight: LoadedWeight, shard_id: int | None = None
     ) -> None:
         if shard_id is None:  # the checkpoint already holds the outputs concatenated
+            check_size(loaded_weight, 0, sum(self.output_sizes))
             offset = 0
             for i, size in enumerate(self.output_sizes):
                 self.weight_loader(param, narrow_weight(loaded_weight, 0, offset, size), i)
@@ -284,6 +286,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # checkpoint holds [q; k; v] contiguously (e.g. GPTBigCode c_attn)
             total_q = self.total_num_heads * self.head_size
             total_kv = self.total_num_kv_heads * self.head_size
+            check_size(loaded_weight, 0, total_q + 2 * total_kv)
             for sid, offset, size in (
                 ("q", 0, total_q),
                 ("k", total_q, total_kv),

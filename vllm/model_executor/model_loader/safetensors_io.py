@@ -153,7 +153,9 @@ def read_header(path: str) -> FileHeader:
     entries = []
     for name, info in header.items():
         if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+            if info is not None and (
+                not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values())
+            ):
                 raise ShardFileError(
                     f"{path}: __metadata__ must map names to strings, got {info!r:.80}."
                 )

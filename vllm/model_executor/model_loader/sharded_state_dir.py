@@ -67,17 +67,14 @@ def _nested_mount(target: str) -> str | None:
     return None
 
 
-def make_temp_dir(target: str) -> str:
-    """Create the temporary directory for a save into ``target`` (an absolute path).
-
-    Refuses a filesystem root, and a target to be swapped that has a mount point inside:
-    the swap would move that mount with the old contents, and deleting those would
-    delete the other filesystem's files.
-    """
+def check_target(target: str) -> None:
+    """Refuse a save target that is not a directory, the root directory, a mount point,
+    or a directory to be swapped that has a mount point inside (the swap would move that
+    mount with the old contents, and deleting those would delete its files)."""
+    target = os.path.realpath(target)
     if os.path.lexists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"Cannot save to {target}: it exists and is not a directory.")
-    parent, name = os.path.split(target)
-    if not name:
+    if not os.path.basename(target):
         raise ValueError(
             f"Cannot save a sharded state to {target}: it is the root directory. Save to a "
             "directory of its own, e.g. /checkpoints/model."
@@ -88,14 +85,21 @@ def make_temp_dir(target: str) -> str:
             "filesystem, e.g. a Docker volume), which a save cannot replace atomically. "
             f"Save to a directory inside it, e.g. {os.path.join(target, 'model')}."
         )
-    inside = os.path.isdir(target) and not _can_swap(target)
-    mount = None if inside or not os.path.isdir(target) else _nested_mount(target)
+    swapped = os.path.isdir(target) and _can_swap(target)
+    mount = _nested_mount(target) if swapped else None
     if mount is not None:
         raise ValueError(
             f"Cannot save to {target}: {mount} inside it is a mount point of another "
             "filesystem, and a save replaces the directory's contents. Save to a directory "
             "without mounts inside, or unmount it first."
         )
+
+
+def make_temp_dir(target: str) -> str:
+    """Create the temporary directory for a save into ``target`` (an absolute path)."""
+    check_target(target)
+    parent, name = os.path.split(target)
+    inside = os.path.isdir(target) and not _can_swap(target)
     if not inside:
         os.makedirs(parent, exist_ok=True)
     remove_stale_temp_dirs(target)
@@ -267,8 +271,8 @@ def keep_late_entries(
         if name == MARKER_NAME or name in carried or is_shard_state(name):
             continue
         dst = os.path.join(target, name)
-        if os.path.lexists(dst):
-            continue  # cannot happen: the new directory holds only carried or shard names
+        if os.path.lexists(dst):  # the same name was created again since the swap
+            dst = os.path.join(target, f"{name}.kept-{os.getpid()}")
         os.rename(os.path.join(old, name), dst)
         kept.append(name)
         logger.warning("Kept %s, created in %s while the save was finishing.", dst, target)

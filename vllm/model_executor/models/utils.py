@@ -52,7 +52,7 @@ def load_weights_by_name(
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, weight)
                 loaded.add(name)
-        except ValueError as e:
+        except (ValueError, IndexError) as e:  # a shape, dtype or slice the model refuses
             raise ValueError(f"Cannot load checkpoint tensor {ckpt_name!r}: {e}") from e
     if unexpected:
         raise ValueError(
