@@ -20,6 +20,8 @@ _ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 10.0, 20.0, 40.0, 80.0]  # fmt: skip
 _E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]  # fmt: skip
+_TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
+                  100000]  # fmt: skip
 _FINISH_REASONS = ("stop", "length", "abort")
 
 
@@ -73,6 +75,14 @@ class PrometheusStatLogger:
             "Seconds between consecutive tokens of a request.",
             _ITL_BUCKETS,
         )
+        self.request_prompt_tokens = histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens of each finished request.", _TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = histogram(
+            "vllm:request_generation_tokens",
+            "Generated tokens of each finished request (over its n sequences).",
+            _TOKEN_BUCKETS,
+        )
         self.e2e_request_latency = histogram(
             "vllm:e2e_request_latency_seconds",
             "Seconds from a request's arrival to its end.",
@@ -96,6 +106,8 @@ class PrometheusStatLogger:
         for finished in iteration_stats.finished_requests:
             self.request_success[finished.finish_reason].inc()
             self.e2e_request_latency.observe(finished.e2e_latency)
+            self.request_prompt_tokens.observe(finished.num_prompt_tokens)
+            self.request_generation_tokens.observe(finished.num_generation_tokens)
 
 
 class LoggingStatLogger:

@@ -130,3 +130,5 @@ def test_health_version_metrics(server):
     assert delta["vllm:time_to_first_token_seconds_count"] == 1
     assert delta["vllm:inter_token_latency_seconds_count"] == 3
     assert delta["vllm:e2e_request_latency_seconds_count"] == 1
+    assert delta["vllm:request_prompt_tokens_sum"] == 2
+    assert delta["vllm:request_generation_tokens_sum"] == 4

@@ -25,8 +25,13 @@ def random_uuid() -> str:
 
 
 class OpenAIBaseModel(BaseModel):
-    # Fields this server does not know are accepted and logged, as upstream: clients send
-    # newer OpenAI fields that change nothing here.
+    """Response bodies (built by the server, per streamed chunk too: no extra hooks)."""
+
+
+class OpenAIRequest(OpenAIBaseModel):
+    """Request bodies. Fields this server does not know are accepted and logged, as
+    upstream: clients send newer OpenAI fields that change nothing here."""
+
     model_config = ConfigDict(extra="allow")
 
     @model_validator(mode="wrap")
@@ -77,7 +82,7 @@ class ModelList(OpenAIBaseModel):
 # ---- shared pieces --------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIBaseModel):
+class StreamOptions(OpenAIRequest):
     include_usage: bool | None = True
 
 
@@ -95,7 +100,7 @@ class UsageInfo(OpenAIBaseModel):
         )
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIRequest):
     """The sampling fields completions and chat share (OpenAI's, then vLLM's extensions)."""
 
     model: str | None = None
@@ -196,7 +201,7 @@ class CompletionStreamResponse(CompletionResponse):
 # ---- chat -----------------------------------------------------------------------------------
 
 
-class ChatMessage(OpenAIBaseModel):
+class ChatMessage(OpenAIRequest):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -278,13 +283,13 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 # ---- tokenizer endpoints --------------------------------------------------------------------
 
 
-class TokenizeCompletionRequest(OpenAIBaseModel):
+class TokenizeCompletionRequest(OpenAIRequest):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class TokenizeChatRequest(OpenAIBaseModel):
+class TokenizeChatRequest(OpenAIRequest):
     model: str | None = None
     messages: list[ChatMessage]
     add_generation_prompt: bool = True
@@ -299,7 +304,7 @@ class TokenizeResponse(OpenAIBaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[int]
 
