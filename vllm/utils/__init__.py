@@ -1,49 +1,38 @@
-"""Small helpers shared across the engine: the CLI parser, ports, integer math, memory."""
+"""Small helpers shared across the engine: ports, integer math, memory, CPU features.
+
+``FlexibleArgumentParser`` lives in ``vllm.utils.argparse_utils`` (as upstream) and is
+re-exported here so ``from vllm.utils import FlexibleArgumentParser`` keeps working.
+"""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import re
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 if TYPE_CHECKING:
     import torch
 
-
-class FlexibleArgumentParser(argparse.ArgumentParser):
-    """ArgumentParser that accepts ``--foo_bar`` as well as ``--foo-bar``, as upstream vLLM.
-
-    Only the option name is rewritten (the part before any ``=``); values are left alone,
-    and nothing after a bare ``--`` is touched.
-    """
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        # parse_args() goes through here too, so both entry points see normalized names.
-        if args is None:
-            args = sys.argv[1:]
-        return super().parse_known_args(_normalize_option_names(args), namespace)
-
-
-def _normalize_option_names(args: Sequence[str]) -> list[str]:
-    out: list[str] = []
-    args = list(args)
-    for i, arg in enumerate(args):
-        if arg == "--":  # everything after is positional: keep it verbatim
-            out.extend(args[i:])
-            break
-        if arg.startswith("--"):
-            key, sep, value = arg.partition("=")
-            arg = "--" + key[2:].replace("_", "-") + sep + value
-        out.append(arg)
-    return out
+__all__ = [
+    "AVX512_FLAGS",
+    "NATIVE_GEMM_FLAGS",
+    "FlexibleArgumentParser",
+    "advise_huge_pages",
+    "cdiv",
+    "cpu_has_avx512",
+    "cpu_lacks_native_gemm",
+    "gc_paused",
+    "get_open_port",
+    "process_memory",
+    "tune_cpu_malloc",
+]
 
 
 def get_open_port() -> int:
