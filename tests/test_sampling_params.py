@@ -1,10 +1,7 @@
 """SamplingParams: upstream defaults, normalisation, and the errors users see."""
 
-from unittest import mock
-
 import pytest
 
-import vllm.sampling_params as sp_module
 from vllm.sampling_params import SamplingParams, SamplingType
 
 UPSTREAM_DEFAULTS = {
@@ -118,14 +115,6 @@ def test_sampling_type_random_and_seeded() -> None:
     assert (params.top_p, params.top_k, params.min_p) == (0.9, 20, 0.1)
     assert params.sampling_type == SamplingType.RANDOM
     assert SamplingParams(temperature=0.8, seed=0).sampling_type == SamplingType.RANDOM_SEED
-
-
-def test_prompt_logprobs_accepted_with_warning() -> None:
-    with mock.patch.object(sp_module.logger, "warning") as warning:
-        params = SamplingParams(prompt_logprobs=2)
-    assert params.prompt_logprobs == 2
-    warning.assert_called_once()
-    assert "not supported" in warning.call_args.args[0]
 
 
 def test_clone_is_deep() -> None:

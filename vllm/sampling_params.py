@@ -8,10 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.logger import init_logger
-
-logger = init_logger(__name__)
-
 # Below this temperature sampling is greedy (upstream's _SAMPLING_EPS).
 _SAMPLING_EPS = 1e-5
 
@@ -100,10 +96,6 @@ class SamplingParams:
             self.top_p = 1.0
             self.top_k = 0
             self.min_p = 0.0
-        if self.prompt_logprobs is not None:
-            logger.warning(
-                "prompt_logprobs=%d is not supported yet and is ignored.", self.prompt_logprobs
-            )
 
     def _normalise(self) -> None:
         if isinstance(self.stop, str):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from vllm.outputs import Logprob
     from vllm.sampling_params import SamplingParams
 
 
@@ -72,7 +73,7 @@ class Sequence:
         self.num_preemptions = 0
         # Output bookkeeping (filled by the engine's output processor).
         self.cumulative_logprob = 0.0
-        self.logprobs: list[dict[int, float]] | None = (
+        self.logprobs: list[dict[int, Logprob]] | None = (
             [] if sampling_params.logprobs is not None else None
         )
         self.output_text = ""
@@ -157,13 +158,28 @@ class SchedulerOutput:
         return not self.num_scheduled_tokens
 
 
+# token_id -> (logprob, 1-based rank in the model's distribution): the top-k asked for,
+# best first, plus the token actually sampled or found in the prompt.
+TokenLogprobs = dict[int, tuple[float, int]]
+
+
 @dataclass
 class SampledToken:
     seq_id: int
     token_id: int
     logprob: float
-    # token_id -> logprob for the requested top-k (plus the sampled token), or None.
-    top_logprobs: dict[int, float] | None = None
+    # Set when the request asked for logprobs (k >= 0).
+    top_logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class PromptLogprobsChunk:
+    """Prompt logprobs of one sequence for the prompt tokens at positions ``start``,
+    ``start + 1``, ... (each scored given the tokens before it; position 0 has none)."""
+
+    seq_id: int
+    start: int
+    logprobs: list[TokenLogprobs]
 
 
 @dataclass
@@ -171,3 +187,5 @@ class ModelRunnerOutput:
     """What rank 0 returns after a step: one entry per sequence that sampled."""
 
     sampled: list[SampledToken] = field(default_factory=list)
+    # For sequences whose request asked for prompt_logprobs and whose prompt ran this step.
+    prompt_logprobs: list[PromptLogprobsChunk] = field(default_factory=list)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from vllm.sequence import Sequence
+from vllm.outputs import Logprob
+from vllm.sequence import Sequence, TokenLogprobs
 
 # Decoding a prefix of the output can end in an unfinished UTF-8 character, shown as
 # U+FFFD until the next token completes it; such a tail is never streamed.
@@ -12,6 +13,22 @@ _REPLACEMENT_CHAR = "\ufffd"
 class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (``Logprob.decoded_token``), special tokens
+        kept; a model's id past the tokenizer's vocabulary reads as ""."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
+
+    def logprobs(self, scored: TokenLogprobs, detokenize: bool) -> dict[int, Logprob]:
+        """Worker scores as ``Logprob``s, with each token's text when ``detokenize``."""
+        if not detokenize or self.tokenizer is None:
+            return {t: Logprob(lp, rank) for t, (lp, rank) in scored.items()}
+        return {t: Logprob(lp, rank, self.token_text(t)) for t, (lp, rank) in scored.items()}
 
     def _decode(self, seq: Sequence, token_ids: list[int]) -> str:
         params = seq.sampling_params

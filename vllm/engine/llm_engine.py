@@ -7,7 +7,6 @@ import json
 import operator
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from vllm.config import VllmConfig
@@ -15,29 +14,14 @@ from vllm.core.scheduler import Scheduler
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.detokenizer import Detokenizer
 from vllm.engine.metrics_types import IterationStats, RequestStateStats, StatLoggerBase
+from vllm.engine.output_processor import OutputProcessor, RequestState
 from vllm.executor.executor_base import ExecutorBase
 from vllm.logger import init_logger
-from vllm.outputs import CompletionOutput, Logprob, RequestOutput
+from vllm.outputs import RequestMetrics, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
-from vllm.sequence import (
-    ModelRunnerOutput,
-    SampledToken,
-    SchedulerOutput,
-    Sequence,
-    SequenceStatus,
-)
+from vllm.sequence import ModelRunnerOutput, SchedulerOutput, Sequence
 
 logger = init_logger(__name__)
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    output_kind: RequestOutputKind
-    stats: RequestStateStats
 
 
 def _token_ids(ids: Any) -> list[int]:
@@ -99,7 +83,10 @@ class LLMEngine:
         tokenizer_s = time.perf_counter() - start
         self.model_executor = executor_class(vllm_config)
         self.scheduler = Scheduler(vllm_config.scheduler_config, vllm_config.cache_config)
-        self.requests: dict[str, _Request] = {}
+        self.output_processor = OutputProcessor(
+            self.detokenizer, self.scheduler, self.model_config.max_model_len
+        )
+        self.requests: dict[str, RequestState] = {}
         self._seq_counter = itertools.count()
         self.stat_loggers: list[StatLoggerBase] = []
         # Seconds per start-up phase (from_engine_args adds "config"); logged once ready.
@@ -173,31 +160,39 @@ class LLMEngine:
                 "give the cache more memory."
             )
         max_logprobs = self.model_config.max_logprobs
-        if params.logprobs is not None and params.logprobs > max_logprobs:
-            raise ValueError(
-                f"Requested logprobs={params.logprobs}, more than max_logprobs={max_logprobs}; "
-                "ask for fewer or raise max_logprobs when creating the engine."
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > max_logprobs:
+                raise ValueError(
+                    f"Requested {name}={k}, more than max_logprobs={max_logprobs}; ask for "
+                    "fewer or raise max_logprobs when creating the engine."
+                )
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"Prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
         params = params.clone()
         params.update_from_generation_config(self.generation_config, self.tokenizer.eos_token_id)
-        now = time.monotonic() if arrival_time is None else arrival_time
+        # arrival_time is wall-clock (time.time()), as upstream; the stats use monotonic.
+        wall, now = time.time(), time.monotonic()
+        if arrival_time is not None:
+            now -= max(0.0, wall - arrival_time)
+            wall = arrival_time
         seqs = [
             Sequence(next(self._seq_counter), request_id, token_ids, p, now, index=i)
             for i, p in enumerate(self._per_sample_params(params))
         ]
         for seq in seqs:
             self.scheduler.add_seq(seq)
-        self.requests[request_id] = _Request(
+        self.requests[request_id] = RequestState(
             request_id,
             text,
             token_ids,
             seqs,
-            params.output_kind,
+            params,
             RequestStateStats(arrival_time=now, num_prompt_tokens=len(token_ids)),
+            RequestMetrics(arrival_time=wall, last_token_time=wall),
+            [None] * len(token_ids) if params.prompt_logprobs is not None else None,
         )
         self._record_stats(None)
 
@@ -270,6 +265,13 @@ class LLMEngine:
             if self.scheduler.has_unfinished_seqs():
                 raise RuntimeError("The scheduler could not schedule any work; this is a bug.")
             return None
+        now = time.time()
+        for new in so.new_seqs:
+            req = self.requests[self.scheduler.seqs[new.seq_id].request_id]
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+                req.metrics.time_in_queue = now - req.metrics.arrival_time
+                req.num_cached_tokens = new.num_computed_tokens
         return so
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -278,10 +280,20 @@ class LLMEngine:
     def process_model_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[RequestOutput]:
-        touched: dict[str, _Request] = {}
+        processor = self.output_processor
+        for chunk in runner_output.prompt_logprobs:
+            seq = self.scheduler.seqs.get(chunk.seq_id)
+            req = self.requests.get(seq.request_id) if seq is not None else None
+            if req is not None:
+                processor.process_prompt_logprobs(req, chunk)
+        touched: dict[str, RequestState] = {}
+        wall = time.time()
         for seq, sampled in self.scheduler.update_from_output(scheduler_output, runner_output):
-            self._process_token(seq, sampled)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            processor.process_token(seq, sampled)
+            req = touched[seq.request_id] = self.requests[seq.request_id]
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = wall
+            req.metrics.last_token_time = wall
         now = time.monotonic()
         stats = IterationStats() if self.stat_loggers else None
         outputs = []
@@ -293,75 +305,15 @@ class LLMEngine:
                 if finished:
                     reason = req.seqs[0].status.finish_reason or "abort"
                     stats.update_from_finished(req.stats, reason, now)
-            if finished or req.output_kind is not RequestOutputKind.FINAL_ONLY:
-                outputs.append(self._make_output(req, finished))
+            if finished:
+                req.metrics.finished_time = wall
+            if finished or req.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(processor.make_output(req, finished))
             if finished:
                 del self.requests[req.request_id]
         if stats is not None:
             self._record_stats(stats)
         return outputs
-
-    def _process_token(self, seq: Sequence, sampled: SampledToken) -> None:
-        params = seq.sampling_params
-        seq.cumulative_logprob += sampled.logprob
-        if seq.logprobs is not None:
-            seq.logprobs.append(sampled.top_logprobs or {sampled.token_id: sampled.logprob})
-        token = sampled.token_id
-        num_out = seq.num_output_tokens
-        status = None
-        if token in params.all_stop_token_ids and num_out >= params.min_tokens:
-            status = SequenceStatus.FINISHED_STOPPED
-            if token in params.stop_token_ids:
-                seq.stop_reason = token
-        elif params.stop:
-            # Like stop tokens, stop strings count only in text after the first min_tokens.
-            stop_str = self.detokenizer.check_stop_strings(seq, num_out > params.min_tokens)
-            if stop_str is not None:
-                status = SequenceStatus.FINISHED_STOPPED
-                seq.stop_reason = stop_str
-        elif params.output_kind is not RequestOutputKind.FINAL_ONLY:
-            self.detokenizer.decode(seq)  # text is sent every step
-        if status is None and (
-            (params.max_tokens is not None and num_out >= params.max_tokens)
-            or len(seq) >= self.model_config.max_model_len
-        ):
-            status = SequenceStatus.FINISHED_LENGTH_CAPPED
-        if status is not None:
-            self.scheduler.finish_seq(seq, status)
-            self.detokenizer.finalize(seq)
-
-    def _make_output(self, req: _Request, finished: bool) -> RequestOutput:
-        delta = req.output_kind is RequestOutputKind.DELTA
-        completions = []
-        for seq in req.seqs:
-            text = seq.output_text if seq.is_finished else self.detokenizer.streamable_text(seq)
-            token_ids = seq.output_token_ids
-            logprobs = seq.logprobs
-            if delta:
-                text = text[seq.num_sent_chars :]
-                seq.num_sent_chars += len(text)
-                token_ids = token_ids[seq.num_sent_tokens :]
-                if not token_ids:
-                    continue  # nothing new (its last output, with any finish, was sent)
-                if logprobs is not None:
-                    logprobs = logprobs[seq.num_sent_tokens :]
-                seq.num_sent_tokens += len(token_ids)
-            if logprobs is not None:
-                logprobs = [{t: Logprob(lp) for t, lp in d.items()} for d in logprobs]
-            completions.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=text,
-                    token_ids=token_ids,
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=logprobs,
-                    finish_reason=seq.status.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        return RequestOutput(
-            req.request_id, req.prompt, req.prompt_token_ids, completions, finished
-        )
 
     # ---- stats ----------------------------------------------------------------------------
 

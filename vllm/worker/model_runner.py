@@ -10,10 +10,21 @@ from torch import nn
 from vllm.attention.backend import build_attention_metadata
 from vllm.attention.layer import set_attn_metadata
 from vllm.config import VllmConfig
-from vllm.model_executor.layers.sampler import Sampler, SamplingMetadata
+from vllm.model_executor.layers.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingMetadata,
+    compute_prompt_logprobs,
+)
 from vllm.model_executor.model_loader import get_model
 from vllm.sampling_params import SamplingParams, SamplingType
-from vllm.sequence import ModelRunnerOutput, SampledToken, SchedulerOutput
+from vllm.sequence import (
+    ModelRunnerOutput,
+    PromptLogprobsChunk,
+    SampledToken,
+    SchedulerOutput,
+    TokenLogprobs,
+)
 
 
 @dataclass(slots=True)
@@ -77,9 +88,12 @@ class ModelRunner:
         attn_seqs = []
         sample_idx: list[int] = []
         sample_seq_ids: list[int] = []
+        prompt_rows = _PromptRows()
         for seq_id, n in so.num_scheduled_tokens.items():
             state = self.seqs[seq_id]
             start = state.num_computed_tokens
+            if state.sampling_params.prompt_logprobs is not None:
+                prompt_rows.add(seq_id, state, len(input_ids), start, n)
             input_ids.extend(state.token_ids[start : start + n])
             positions.extend(range(start, start + n))
             attn_seqs.append((state.block_ids, start, n))
@@ -98,27 +112,22 @@ class ModelRunner:
             )
         finally:
             set_attn_metadata(None)
-        if not sample_idx:
+        if not sample_idx and not prompt_rows.rows:
             return ModelRunnerOutput() if self.is_driver else None
         # Every rank takes part in the logits all-gather; only the driver samples.
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_idx, device=self.device)])
+        rows = torch.tensor(sample_idx + prompt_rows.rows, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
         if not self.is_driver:
             return None
-        states = [self.seqs[i] for i in sample_seq_ids]
-        out = self.sampler(logits, self._sampling_metadata(states))
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        sampled = []
-        for i, (seq_id, state) in enumerate(zip(sample_seq_ids, states)):
-            top = None
-            k = state.sampling_params.logprobs
-            if k is not None:
-                top = dict(zip(top_ids[i][:k], top_lps[i][:k])) if k else {}
-                top[token_ids[i]] = logprobs[i]
-            sampled.append(SampledToken(seq_id, token_ids[i], logprobs[i], top))
-        return ModelRunnerOutput(sampled)
+        num_sampled = len(sample_idx)
+        output = ModelRunnerOutput()
+        if prompt_rows.rows:
+            output.prompt_logprobs = prompt_rows.score(logits[num_sampled:], self.device)
+        if num_sampled:
+            states = [self.seqs[i] for i in sample_seq_ids]
+            out = self.sampler(logits[:num_sampled], self._sampling_metadata(states))
+            output.sampled = _sampled_tokens(out, sample_seq_ids, states)
+        return output
 
     def _sampling_metadata(self, states: list[SeqState]) -> SamplingMetadata:
         params = [s.sampling_params for s in states]
@@ -166,4 +175,68 @@ class ModelRunner:
             repetition_penalty=repetition,
             banned_tokens=banned,
             max_num_logprobs=max((p.logprobs or 0) for p in params),
+            need_ranks=any(p.logprobs is not None for p in params),
         )
+
+
+def _sampled_tokens(
+    out: SamplerOutput, seq_ids: list[int], states: list[SeqState]
+) -> list[SampledToken]:
+    token_ids = out.token_ids.tolist()
+    logprobs = out.logprobs.tolist()
+    ranks = out.ranks.tolist() if out.ranks is not None else None
+    top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+    top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    sampled = []
+    for i, (seq_id, state) in enumerate(zip(seq_ids, states)):
+        top = None
+        k = state.sampling_params.logprobs
+        if k is not None:
+            top = _top_logprobs(top_ids[i][:k], top_lps[i][:k]) if k else {}
+            top[token_ids[i]] = (logprobs[i], ranks[i])
+        sampled.append(SampledToken(seq_id, token_ids[i], logprobs[i], top))
+    return sampled
+
+
+def _top_logprobs(token_ids: list[int], logprobs: list[float]) -> TokenLogprobs:
+    """The top-k as token -> (logprob, rank), best first."""
+    return {t: (lp, rank) for rank, (t, lp) in enumerate(zip(token_ids, logprobs), start=1)}
+
+
+class _PromptRows:
+    """The batch rows whose logits score prompt tokens, for requests with prompt_logprobs.
+
+    The row of position j scores the prompt token at j + 1; a chunk of positions
+    [start, start + n) scores prompt tokens start + 1 ... up to the prompt's last.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.targets: list[int] = []
+        self.chunks: list[tuple[int, int, int, int]] = []  # (seq_id, first token, count, k)
+
+    def add(self, seq_id: int, state: SeqState, first_row: int, start: int, n: int) -> None:
+        end = min(start + n, state.num_prompt_tokens - 1)  # positions start .. end - 1
+        if end <= start:
+            return
+        self.rows.extend(range(first_row, first_row + end - start))
+        self.targets.extend(state.token_ids[start + 1 : end + 1])
+        k = state.sampling_params.prompt_logprobs
+        self.chunks.append((seq_id, start + 1, end - start, k))
+
+    def score(self, logits: torch.Tensor, device: torch.device) -> list[PromptLogprobsChunk]:
+        num_top = max(k for *_, k in self.chunks)
+        out = compute_prompt_logprobs(logits, torch.tensor(self.targets, device=device), num_top)
+        logprobs, ranks = out.logprobs.tolist(), out.ranks.tolist()
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        chunks, row = [], 0
+        for seq_id, first, count, k in self.chunks:
+            scored = []
+            for i in range(row, row + count):
+                top = _top_logprobs(top_ids[i][:k], top_lps[i][:k]) if k else {}
+                top[self.targets[i]] = (logprobs[i], ranks[i])
+                scored.append(top)
+            chunks.append(PromptLogprobsChunk(seq_id, first, scored))
+            row += count
+        return chunks

@@ -35,6 +35,7 @@ class SamplingMetadata:
     # (row, token_ids) that may not be sampled yet (min_tokens).
     banned_tokens: list[tuple[int, list[int]]]
     max_num_logprobs: int  # 0: only the sampled token's logprob
+    need_ranks: bool = False  # a row asked for logprobs: report the sampled token's rank
 
 
 @dataclass
@@ -43,6 +44,7 @@ class SamplerOutput:
     logprobs: torch.Tensor  # [S] logprob of each sampled token
     top_token_ids: torch.Tensor | None  # [S, K]
     top_logprobs: torch.Tensor | None  # [S, K]
+    ranks: torch.Tensor | None = None  # [S] 1-based rank of each sampled token, if asked
 
 
 def _apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -131,7 +133,40 @@ class Sampler(torch.nn.Module):
             logprobs = raw_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
             if md.max_num_logprobs > 0:
                 top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)
-        return SamplerOutput(token_ids, logprobs, top_ids, top_lp)
+        ranks = token_ranks(raw, token_ids) if md.need_ranks else None
+        return SamplerOutput(token_ids, logprobs, top_ids, top_lp, ranks)
+
+
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ``token_ids`` in each row of ``logits`` (or of their log-softmax,
+    which orders the same): one more than the number of tokens scored strictly higher."""
+    chosen = logits.gather(-1, token_ids[:, None])
+    return (logits > chosen).sum(dim=-1) + 1
+
+
+@dataclass
+class PromptLogprobsOutput:
+    """Scores of prompt tokens given the tokens before them: row i is one position."""
+
+    logprobs: torch.Tensor  # [P] logprob of the prompt token that follows
+    ranks: torch.Tensor  # [P]
+    top_token_ids: torch.Tensor | None  # [P, K]
+    top_logprobs: torch.Tensor | None  # [P, K]
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: torch.Tensor, num_top: int
+) -> PromptLogprobsOutput:
+    """``logits``: [P, V] float32 at prompt positions; ``next_token_ids``: [P] the prompt
+    token after each position. Like the sampled tokens' logprobs, these are of the raw
+    distribution (no penalties or temperature), as upstream reports them."""
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, next_token_ids[:, None]).squeeze(-1)
+    ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+    top_lp = top_ids = None
+    if num_top > 0:
+        top_lp, top_ids = logprobs.topk(num_top, dim=-1)
+    return PromptLogprobsOutput(chosen, ranks, top_ids, top_lp)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
