@@ -54,7 +54,6 @@ BAD_COMPLETIONS = {
     "token id outside the vocabulary": ({"prompt": [5, 100000]}, ["100000", "vocabulary"]),
     "stop of the wrong type": ({"stop": 7}, ["stop"]),
     "unsupported suffix": ({"suffix": "!"}, ["suffix is not supported"]),
-    "echo with logprobs": ({"echo": True, "logprobs": 1}, ["echo", "logprobs"]),
     "stream_options without stream": ({"stream_options": {"include_usage": True}}, ["stream"]),
 }
 

@@ -116,6 +116,28 @@ def test_stop_echo_logprobs(server, offline_llm):
     assert logprobs.text_offset == sorted(logprobs.text_offset)
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, offline_llm):
+    """echo + logprobs: the prompt's tokens come first, scored as LLM's prompt_logprobs."""
+    client = server.get_client()
+    params = SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2, logprobs=2)
+    (offline,) = offline_llm.generate(TEXT_PROMPTS[0], params, use_tqdm=False)
+    num_prompt = len(offline.prompt_token_ids)
+    kwargs = dict(model=MODEL, prompt=TEXT_PROMPTS[0], max_tokens=4, temperature=0, echo=True)
+    out = client.completions.create(**kwargs, logprobs=2)
+    streamed = list(client.completions.create(**kwargs, logprobs=2, stream=True))
+    first = streamed[0].choices[0].logprobs
+    for logprobs in (out.choices[0].logprobs, first):
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        want = [offline.prompt_logprobs[i][t].logprob for i, t in
+                enumerate(offline.prompt_token_ids) if i]  # fmt: skip
+        assert logprobs.token_logprobs[1:num_prompt] == pytest.approx(want, abs=1e-4)
+    full = out.choices[0].logprobs
+    assert len(full.tokens) == num_prompt + 4
+    assert "".join(full.tokens) == out.choices[0].text
+    assert full.text_offset == sorted(full.text_offset)
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed) == num_prompt + 4
+
+
 def test_streaming(server, offline_llm):
     client = server.get_client()
     (want,) = offline_texts(offline_llm, [TEXT_PROMPTS[2]], 24)

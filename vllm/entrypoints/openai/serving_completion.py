@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from vllm.engine.async_llm_engine import EngineDeadError, RequestStream
 from vllm.entrypoints.openai.protocol import (
@@ -23,7 +23,7 @@ from vllm.entrypoints.openai.serving_engine import (
     merge_async_iterators,
     sse,
 )
-from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.outputs import CompletionOutput, Logprob, RequestOutput
 
 Prompt = tuple[str | None, list[int]]
 
@@ -46,6 +46,9 @@ class OpenAIServingCompletion(OpenAIServing):
             )
             for _, ids in prompts
         ]
+        if request.echo and request.logprobs is not None:
+            for p in params:  # the echoed prompt comes with its tokens' logprobs
+                p.prompt_logprobs = request.logprobs
         request_id = f"cmpl-{random_uuid()}"
         streams = self.add_requests(request_id, prompts, params)
         if request.stream:
@@ -62,12 +65,6 @@ class OpenAIServingCompletion(OpenAIServing):
         for field, given in unsupported.items():
             if given:
                 raise OpenAIError(f"{field} is not supported by this server.", param=field)
-        if request.echo and request.logprobs is not None:
-            raise OpenAIError(
-                "echo together with logprobs needs the prompt's logprobs, which this engine "
-                "does not compute; drop one of them.",
-                param="echo",
-            )
         if request.stream_options is not None and not request.stream:
             raise OpenAIError(
                 "stream_options is only allowed with stream=true.", param="stream_options"
@@ -89,21 +86,41 @@ class OpenAIServingCompletion(OpenAIServing):
         text, ids = prompt
         return text if text is not None else self.tokenizer.decode(ids)
 
-    def _logprobs(self, out: CompletionOutput, text_offset: int) -> CompletionLogProbs | None:
+    def _logprobs(
+        self, out: CompletionOutput, text_offset: int, echoed: RequestOutput | None = None
+    ) -> CompletionLogProbs | None:
+        """OpenAI's logprobs of the choice's tokens, after those of the prompt of
+        ``echoed`` if given (its first token has none: null)."""
         if out.logprobs is None:
             return None
         result = CompletionLogProbs()
-        for token_id, top in zip(out.token_ids, out.logprobs):
+        if echoed is not None and echoed.prompt_logprobs is not None:
+            pairs = zip(echoed.prompt_token_ids, echoed.prompt_logprobs)
+            text_offset = self._add_logprobs(result, pairs, text_offset)
+        self._add_logprobs(result, zip(out.token_ids, out.logprobs), text_offset)
+        return result
+
+    def _add_logprobs(
+        self,
+        result: CompletionLogProbs,
+        pairs: Iterable[tuple[int, dict[int, Logprob] | None]],
+        text_offset: int,
+    ) -> int:
+        for token_id, top in pairs:
             token = self.token_text(token_id)
             result.tokens.append(token)
+            result.text_offset.append(text_offset)
+            text_offset += len(token)
+            if top is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
             result.token_logprobs.append(top[token_id].logprob)
             ranked: dict[str, float] = {}
             for text, logprob in self.top_logprobs(top):
                 ranked.setdefault(text, logprob)  # tokens of the same text: the likeliest
             result.top_logprobs.append(ranked)
-            result.text_offset.append(text_offset)
-            text_offset += len(token)
-        return result
+        return text_offset
 
     async def _collect(
         self,
@@ -126,7 +143,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     CompletionResponseChoice(
                         index=i * request.n + out.index,
                         text=prefix + out.text,
-                        logprobs=self._logprobs(out, len(prefix)),
+                        logprobs=self._logprobs(out, 0, final if request.echo else None),
                         finish_reason=out.finish_reason,
                         stop_reason=out.stop_reason,
                     )
@@ -149,6 +166,7 @@ class OpenAIServingCompletion(OpenAIServing):
         n = request.n
         # Per choice: characters sent so far (logprob text offsets); None before the first.
         sent_chars: list[int | None] = [None] * (len(prompts) * n)
+        first_outputs: list[RequestOutput | None] = [None] * len(prompts)
         completion_tokens = 0
         try:
             async for i, output in merge_async_iterators(*streams):
@@ -157,6 +175,10 @@ class OpenAIServingCompletion(OpenAIServing):
                     # One chunk per output, which has new tokens even where their text is
                     # not settled yet (an unfinished character): clients count tokens.
                     sent = sent_chars[index]
+                    if output.prompt_logprobs is not None:  # in a request's first output
+                        first_outputs[i] = output
+                    # The prompt's logprobs go with each choice's first chunk.
+                    echoed = first_outputs[i] if request.echo and sent is None else None
                     # echo puts the prompt before a choice's first chunk.
                     text = (self._prefix(request, prompts[i]) if sent is None else "") + out.text
                     sent = sent or 0
@@ -169,7 +191,7 @@ class OpenAIServingCompletion(OpenAIServing):
                             CompletionResponseChoice(
                                 index=index,
                                 text=text,
-                                logprobs=self._logprobs(out, sent),
+                                logprobs=self._logprobs(out, sent, echoed),
                                 finish_reason=out.finish_reason,
                                 stop_reason=out.stop_reason,
                             )
