@@ -36,7 +36,8 @@ from vllm import __version__
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
 from vllm.engine.metrics import LoggingStatLogger, PrometheusStatLogger
-from vllm.entrypoints.openai.cli_args import load_chat_template, make_arg_parser
+from vllm.entrypoints.chat_utils import load_chat_template
+from vllm.entrypoints.openai.cli_args import make_arg_parser
 from vllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 from vllm.engine.arg_utils import EngineArgs
 
@@ -83,18 +82,3 @@ def make_arg_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
     )
     return EngineArgs.add_cli_args(parser)
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """``--chat-template``: the contents of a file, or the value itself if it is a template."""
-    if value is None:
-        return None
-    if os.path.isfile(value):
-        with open(value) as f:
-            return f.read()
-    if "{" in value:  # Jinja syntax: the template itself
-        return value
-    raise ValueError(
-        f"--chat-template {value!r} is neither a file nor a Jinja template; give the path of "
-        "a template file (e.g. template.jinja) or the template text."
-    )

@@ -11,6 +11,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from vllm.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from vllm.entrypoints.chat_utils import (
+    ChatTemplateError,
+    apply_hf_chat_template,
+    parse_chat_messages,
+    resolve_chat_template_content_format,
+)
 from vllm.entrypoints.openai.protocol import ChatMessage, ErrorInfo, ErrorResponse
 from vllm.logger import init_logger
 from vllm.outputs import RequestOutput
@@ -169,31 +175,26 @@ class OpenAIServing:
         continue_final_message: bool,
         chat_template_kwargs: dict[str, Any] | None,
     ) -> str:
-        """The conversation as text, through the server's or the tokenizer's chat template."""
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise OpenAIError(
-                "This model's tokenizer has no chat template, so chat requests cannot be "
-                "rendered; start the server with --chat-template FILE, or use /v1/completions.",
-                param="messages",
-            )
-        if add_generation_prompt and continue_final_message:
-            raise OpenAIError(
-                "add_generation_prompt and continue_final_message cannot both be true.",
-                param="continue_final_message",
-            )
-        conversation = [_message_dict(m, i) for i, m in enumerate(messages)]
+        """The conversation as text, through the server's or the tokenizer's chat template
+        (``vllm.entrypoints.chat_utils``, the same path as ``LLM.chat``)."""
         try:
-            return self.tokenizer.apply_chat_template(
+            content_format = resolve_chat_template_content_format(
+                self.chat_template, None, "auto", self.tokenizer
+            )
+            conversation = parse_chat_messages(
+                [m.model_dump(include={"role", "content", "name"}) for m in messages],
+                content_format,
+            )
+            return apply_hf_chat_template(
+                self.tokenizer,
                 conversation,
-                chat_template=template,
+                chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                tokenize=False,
                 **(chat_template_kwargs or {}),
             )
-        except Exception as e:  # a template's own raise_exception(), a bad kwarg
-            raise OpenAIError(f"The chat template failed: {e}", param="messages") from e
+        except ChatTemplateError as e:
+            raise OpenAIError(str(e), param=e.param) from e
 
     def add_requests(
         self, request_id: str, prompts: list[tuple[str | None, list[int]]], params: list[Any]
@@ -228,23 +229,3 @@ class OpenAIServing:
         """(token text, logprob) pairs, most likely first."""
         ranked = sorted(logprobs.items(), key=lambda kv: -kv[1].logprob)
         return [(self.token_text(t), lp.logprob) for t, lp in ranked]
-
-
-def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    """A message as a chat template expects it: text parts joined into one string."""
-    content = message.content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise OpenAIError(
-                    f"messages[{index}].content: only text parts are supported, got a part "
-                    f"of type {part.get('type')!r}.",
-                    param="messages",
-                )
-            texts.append(part["text"])
-        content = "\n".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content or ""}
-    if message.name is not None:
-        out["name"] = message.name
-    return out
