@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import socket
 
 import pytest
 import torch
 
 from vllm.config import VllmConfig
-from vllm.engine.arg_utils import _UNSUPPORTED_ARGS, EngineArgs
+from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.unsupported_args import IGNORED_ARGS, REFUSED_ARGS
 from vllm.utils import FlexibleArgumentParser, cdiv, get_open_port
 
 
@@ -225,9 +227,51 @@ def test_invalid_json_raises_naming_the_value() -> None:
         EngineArgs(model="m", model_loader_extra_config="{bad json")
 
 
-def test_enable_lora_raises(tiny_llama: str) -> None:
-    with pytest.raises(ValueError, match="LoRA is not supported by this engine"):
-        EngineArgs(model=tiny_llama, enable_lora=True).create_engine_config()
+def test_enable_lora_warns_and_lora_requests_are_refused(
+    tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture
+) -> None:
+    # Enabling LoRA changes no output by itself (upstream's sharded-state test relies on
+    # that); a request that names an adapter is refused (test_llm_api.py).
+    EngineArgs(model=tiny_llama, enable_lora=True).create_engine_config()
+    assert any("enable_lora" in r.getMessage() for r in vllm_caplog.records)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(speculative_config={"num_speculative_tokens": 2}),
+        dict(hf_overrides={"num_hidden_layers": 1}),
+        dict(skip_tokenizer_init=True),
+        dict(worker_cls="my.Worker"),
+        dict(logits_processors=["my.Processor"]),
+        dict(task="embed"),
+        dict(runner="pooling"),
+        dict(convert="embed"),
+        dict(tokenizer_mode="mistral"),
+    ],
+)
+def test_args_that_would_change_results_raise(tiny_llama: str, kwargs: dict) -> None:
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=re.escape(f"{name}={value!r}")):
+        EngineArgs(model=tiny_llama, **kwargs).create_engine_config()
+
+
+def test_refused_args_are_named_together(tiny_llama: str) -> None:
+    with pytest.raises(ValueError, match="speculative_config=.*hf_overrides="):
+        EngineArgs(
+            model=tiny_llama, speculative_config={"a": 1}, hf_overrides={"b": 2}
+        ).create_engine_config()
+
+
+def test_upstream_empty_values_count_as_unset(
+    tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture
+) -> None:
+    # Upstream's LLM passes hf_overrides={} and seed=None when the caller gives none.
+    config = EngineArgs(
+        model=tiny_llama, hf_overrides={}, seed=None, task="generate", runner="auto"
+    ).create_engine_config()
+    assert config.model_config.seed == 0
+    assert not [r for r in vllm_caplog.records if "no effect" in r.getMessage()]
 
 
 def test_unsupported_args_warn(tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture) -> None:
@@ -242,10 +286,43 @@ def test_defaults_do_not_warn(tiny_llama: str, vllm_caplog: pytest.LogCaptureFix
     assert not [r for r in vllm_caplog.records if "no effect" in r.getMessage()]
 
 
-def test_unsupported_set_names_real_fields() -> None:
+def test_unsupported_tables_name_real_fields() -> None:
     names = {f.name for f in dataclasses.fields(EngineArgs)}
-    assert _UNSUPPORTED_ARGS <= names
-    assert "served_model_name" not in _UNSUPPORTED_ARGS
+    assert set(IGNORED_ARGS) <= names and set(REFUSED_ARGS) <= names
+    assert not set(IGNORED_ARGS) & set(REFUSED_ARGS)
+    assert "served_model_name" not in IGNORED_ARGS
+
+
+def test_generation_config_must_be_auto_vllm_or_a_directory(tiny_llama: str) -> None:
+    with pytest.raises(ValueError, match="generation_config='/no/such/dir' is not a directory"):
+        EngineArgs(model=tiny_llama, generation_config="/no/such/dir").create_engine_config()
+    config = EngineArgs(model=tiny_llama, generation_config=tiny_llama).create_engine_config()
+    assert config.model_config.generation_config == tiny_llama
+
+
+def test_add_cli_args_to_an_argument_group() -> None:
+    # upstream's basic/generate.py: EngineArgs.add_cli_args(parser.add_argument_group(...))
+    parser = FlexibleArgumentParser()
+    group = parser.add_argument_group("Engine arguments")
+    EngineArgs.add_cli_args(group)
+    group.set_defaults(model="default-model")
+    args = parser.parse_args(["--max-model-len", "64", "--no-enable-prefix-caching"])
+    assert (args.model, args.max_model_len, args.enable_prefix_caching) == (
+        "default-model",
+        64,
+        False,
+    )
+
+
+def test_upstream_compat_flags_parse() -> None:
+    args = _parser().parse_args(
+        ["--model", "m", "--generation-config", "vllm", "-O", "3", "--task", "generate",
+         "--override-generation-config", '{"temperature": 0.5}', "--no-enforce-eager"]
+    )  # fmt: skip
+    engine_args = EngineArgs.from_cli_args(args)
+    assert engine_args.generation_config == "vllm"
+    assert engine_args.compilation_config == 3
+    assert engine_args.override_generation_config == {"temperature": 0.5}
 
 
 AVX512 = "avx512f avx512bw avx512dq avx512vl"

@@ -55,11 +55,23 @@ class ModelConfig:
     quantization: str | None = None
     enforce_eager: bool = False
     max_logprobs: int = 20
+    # Where sampling defaults come from: 'auto' (the model's generation_config.json), 'vllm'
+    # (none) or a directory; override_generation_config is laid over them.
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] = field(default_factory=dict)
     hf_config: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.model
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(
+            self.generation_config
+        ):
+            raise ValueError(
+                f"generation_config={self.generation_config!r} is not a directory; pass "
+                "'auto' (the model's generation_config.json), 'vllm' (upstream's defaults) or "
+                "a directory that holds a generation_config.json."
+            )
         if self.hf_config is None:
             self.hf_config = _load_hf_config(self.model, self.trust_remote_code, self.revision)
         self.dtype = _resolve_dtype(self.dtype, self.hf_config)

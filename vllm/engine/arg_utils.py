@@ -21,6 +21,11 @@ from vllm.config import (
     SchedulerConfig,
     VllmConfig,
 )
+from vllm.engine.unsupported_args import (
+    COMPAT_FLAGS,
+    check_unsupported_args,
+    compat_help,
+)
 from vllm.logger import init_logger
 from vllm.utils import NATIVE_GEMM_FLAGS, FlexibleArgumentParser, cpu_lacks_native_gemm
 
@@ -57,31 +62,6 @@ def _log_cpu_lowp_gemm(dtype: torch.dtype) -> None:
         name,
         alternative,
     )
-
-
-# Accepted so that vLLM scripts and command lines keep working, but they change nothing here.
-# Setting one to a non-default value logs a warning (enable_lora=True is an error instead).
-_UNSUPPORTED_ARGS: frozenset[str] = frozenset(
-    {
-        "skip_tokenizer_init",
-        "code_revision",
-        "tokenizer_revision",
-        "enable_prefix_caching",
-        "swap_space",
-        "cpu_offload_gb",
-        "max_seq_len_to_capture",
-        "disable_custom_all_reduce",
-        "enable_lora",
-        "max_loras",
-        "max_lora_rank",
-        "speculative_config",
-        "compilation_config",
-        "hf_overrides",
-        "disable_async_output_proc",
-        "worker_cls",
-        "additional_config",
-    }
-)
 
 
 @dataclass
@@ -133,6 +113,28 @@ class EngineArgs:
     disable_async_output_proc: bool = False
     worker_cls: str = "auto"
     additional_config: dict[str, Any] | None = None
+    # Sampling defaults: 'auto' reads the model's generation_config.json, 'vllm' ignores it,
+    # a directory reads that directory's; override_generation_config is laid over them.
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
+    # Upstream arguments handled by vllm/engine/unsupported_args.py (ignored or refused).
+    task: str = "auto"
+    runner: str = "auto"
+    convert: str = "auto"
+    hf_token: bool | str | None = None
+    kv_cache_memory_bytes: int | None = None
+    async_scheduling: bool = False
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    enable_sleep_mode: bool = False
+    logits_processors: list[Any] | None = None
+    limit_mm_per_prompt: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    allowed_local_media_path: str = ""
+    calculate_kv_scales: bool = False
+    pooler_config: dict[str, Any] | None = None
+    override_pooler_config: dict[str, Any] | None = None
+    structured_outputs_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         extra = self.model_loader_extra_config
@@ -152,14 +154,17 @@ class EngineArgs:
         """Add one ``--kebab-case`` flag per field to ``parser`` and return it."""
         defaults = {f.name: f.default for f in fields(EngineArgs)}
         for title, args in _CLI_ARGS.items():
-            group = parser.add_argument_group(title, _GROUP_DESCRIPTIONS.get(title))
+            # An argument group (upstream's generate.py passes one) takes the flags itself:
+            # argparse deprecates groups inside groups.
+            group = parser
+            if not isinstance(parser, argparse._ArgumentGroup):
+                group = parser.add_argument_group(title, _GROUP_DESCRIPTIONS.get(title))
             for spec in args:
                 kwargs = dict(spec.kwargs)
                 default = defaults[spec.name]
                 help_text = spec.help.replace("%", "%%")
                 if isinstance(default, bool):
-                    # False -> a plain switch; True -> also offer --no-<flag> to turn it off.
-                    kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+                    kwargs["action"] = argparse.BooleanOptionalAction  # --x and --no-x
                 elif default not in (None, ""):
                     help_text += " (default: %(default)s)"
                 flags = ["--" + spec.name.replace("_", "-"), *spec.aliases]
@@ -180,12 +185,7 @@ class EngineArgs:
                 "No model given: set EngineArgs.model (or --model) to the path of a local "
                 "Hugging Face model directory."
             )
-        if self.enable_lora:
-            raise ValueError(
-                "LoRA is not supported by this engine (enable_lora=True); merge the adapter into "
-                "the base weights and serve the merged model instead."
-            )
-        self._warn_unsupported()
+        check_unsupported_args(self)
 
         model_config = ModelConfig(
             model=self.model,
@@ -193,12 +193,14 @@ class EngineArgs:
             tokenizer_mode=self.tokenizer_mode,
             trust_remote_code=self.trust_remote_code,
             dtype=self.dtype,
-            seed=self.seed,
+            seed=0 if self.seed is None else self.seed,  # upstream's LLM passes None
             revision=self.revision,
             max_model_len=self.max_model_len,
             quantization=self.quantization,
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
+            generation_config=self.generation_config,
+            override_generation_config=self.override_generation_config or {},
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -237,16 +239,6 @@ class EngineArgs:
             device_config=device_config,
         )
 
-    def _warn_unsupported(self) -> None:
-        for f in fields(self):
-            if f.name in _UNSUPPORTED_ARGS and getattr(self, f.name) != f.default:
-                logger.warning(
-                    "%s=%r has no effect in this engine; it is accepted only for compatibility "
-                    "with vLLM and ignored.",
-                    f.name,
-                    getattr(self, f.name),
-                )
-
 
 def _json_arg(value: str) -> Any:
     """argparse ``type`` for JSON values; the error names the offending text."""
@@ -270,6 +262,7 @@ def _arg(name: str, help: str, *aliases: str, **kwargs: Any) -> _Arg:
     return _Arg(name, help, kwargs, aliases)
 
 
+_COMPAT_GROUP = "Accepted for compatibility"
 _DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 # Booleans need no kwargs here: add_cli_args picks the action from the field's default.
@@ -289,9 +282,9 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
         _arg("tokenizer", "Tokenizer directory, when it differs from --model."),
         _arg(
             "tokenizer_mode",
-            "'auto' uses the fast (Rust) tokenizer when one exists; 'slow' always uses the "
-            "Python tokenizer.",
-            choices=["auto", "slow"],
+            "'auto'/'hf' use the fast (Rust) tokenizer when one exists; 'slow' always uses the "
+            "Python tokenizer. 'mistral' and 'custom' are not supported.",
+            choices=["auto", "hf", "slow", "mistral", "custom"],
         ),
         _arg(
             "trust_remote_code",
@@ -316,6 +309,19 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
             "-q",
         ),
         _arg("seed", "Random seed for sampling.", type=int),
+        _arg(
+            "generation_config",
+            "Where default sampling parameters come from: 'auto' reads the model's "
+            "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+            "max_new_tokens); 'vllm' ignores it; or a directory holding a "
+            "generation_config.json.",
+        ),
+        _arg(
+            "override_generation_config",
+            "JSON object laid over the generation config's sampling defaults, e.g. "
+            "'{\"temperature\": 0.5}'.",
+            type=_json_arg,
+        ),
         _arg("max_logprobs", "Largest 'logprobs' a request may ask for.", type=int),
         _arg(
             "enforce_eager",
@@ -411,34 +417,20 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
             choices=["auto", "cpu", "cuda"],
         ),
     ],
-    "Accepted for compatibility (no effect)": [
-        _arg("enable_lora", "LoRA adapters. Not supported: setting it is an error."),
-        _arg("max_loras", "Most LoRA adapters in one batch.", type=int),
-        _arg("max_lora_rank", "Largest LoRA rank.", type=int),
-        _arg("skip_tokenizer_init", "Skip loading the tokenizer."),
-        _arg("code_revision", "Revision of remote model code on the Hub."),
-        _arg("tokenizer_revision", "Revision of the tokenizer on the Hub."),
-        _arg("enable_prefix_caching", "Reuse KV cache blocks of shared prompt prefixes."),
-        _arg("swap_space", "CPU swap space per GPU, in GiB.", type=float),
-        _arg("cpu_offload_gb", "GiB of weights to offload to CPU memory.", type=float),
-        _arg("max_seq_len_to_capture", "Longest sequence covered by CUDA graphs.", type=int),
-        _arg("disable_custom_all_reduce", "Use NCCL instead of the custom all-reduce kernel."),
-        _arg("speculative_config", "Speculative decoding settings (JSON).", type=_json_arg),
+    _COMPAT_GROUP: [
         _arg(
-            "compilation_config",
-            "torch.compile level or settings (JSON).",
-            "-O",
-            type=_json_arg,
-        ),
-        _arg("hf_overrides", "Overrides for the Hugging Face config (JSON).", type=_json_arg),
-        _arg("disable_async_output_proc", "Disable async output processing."),
-        _arg("worker_cls", "Worker class to use."),
-        _arg("additional_config", "Platform-specific settings (JSON).", type=_json_arg),
+            name,
+            compat_help(name, help),
+            *aliases,
+            **{k: _json_arg if v == "json" else v for k, v in kwargs.items()},
+        )
+        for name, help, aliases, kwargs in COMPAT_FLAGS
     ],
 }
 
 _GROUP_DESCRIPTIONS = {
-    "Accepted for compatibility (no effect)": (
-        "vLLM flags that scripts may pass; they are parsed and ignored with a warning."
+    _COMPAT_GROUP: (
+        "vLLM flags this engine does not implement. Those that cannot change results are "
+        "ignored with a warning; the others are refused with an error."
     ),
 }
