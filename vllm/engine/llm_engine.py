@@ -9,13 +9,15 @@ import os
 import time
 from typing import Any
 
-from vllm.config import VllmConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.core.scheduler import Scheduler
 from vllm.engine.arg_utils import EngineArgs
+from vllm.engine.core_client import EngineCoreClient
 from vllm.engine.detokenizer import Detokenizer
 from vllm.engine.metrics_types import IterationStats, RequestStateStats, StatLoggerBase
 from vllm.engine.output_processor import OutputProcessor, RequestState
 from vllm.executor.executor_base import ExecutorBase
+from vllm.inputs import check_prompt_dict
 from vllm.logger import init_logger
 from vllm.outputs import RequestMetrics, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -61,7 +63,13 @@ def get_executor_class(vllm_config: VllmConfig) -> type[ExecutorBase]:
     return RayExecutor
 
 
-def _load_generation_config(model_dir: str) -> dict[str, Any]:
+def _load_generation_config(model_config: ModelConfig) -> dict[str, Any]:
+    """The generation config: eos ids for every request, sampling defaults for
+    ``get_diff_sampling_param``. From the model's generation_config.json, or from the
+    directory ``--generation-config`` names."""
+    model_dir = model_config.model
+    if model_config.generation_config not in ("auto", "vllm"):
+        model_dir = model_config.generation_config
     path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -79,9 +87,10 @@ class LLMEngine:
         self.log_stats = log_stats
         self.tokenizer = self._init_tokenizer()
         self.detokenizer = Detokenizer(self.tokenizer)
-        self.generation_config = _load_generation_config(self.model_config.model)
+        self.generation_config = _load_generation_config(self.model_config)
         tokenizer_s = time.perf_counter() - start
         self.model_executor = executor_class(vllm_config)
+        self.engine_core = EngineCoreClient(self.model_executor)
         self.scheduler = Scheduler(vllm_config.scheduler_config, vllm_config.cache_config)
         self.output_processor = OutputProcessor(
             self.detokenizer, self.scheduler, self.model_config.max_model_len
@@ -130,6 +139,17 @@ class LLMEngine:
 
     def get_tokenizer(self):
         return self.tokenizer
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """SamplingParams fields the model's generation config recommends (upstream's
+        ``ModelConfig.get_diff_sampling_param``); none with ``generation_config='vllm'``."""
+        config = {} if self.model_config.generation_config == "vllm" else self.generation_config
+        config = {**config, **self.model_config.override_generation_config}
+        keys = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
+        params = {k: config[k] for k in keys if config.get(k) is not None}
+        if "max_new_tokens" in params:  # Hugging Face's name for max_tokens
+            params["max_tokens"] = params.pop("max_new_tokens")
+        return params
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -211,6 +231,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict):
+            check_prompt_dict(prompt)
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" in prompt:

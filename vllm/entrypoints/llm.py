@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import numbers
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -12,13 +13,23 @@ from tqdm.auto import tqdm
 
 from vllm.engine.arg_utils import EngineArgs
 from vllm.engine.llm_engine import LLMEngine
+from vllm.entrypoints.chat_utils import (
+    ChatCompletionMessageParam,
+    ChatTemplateContentFormatOption,
+    apply_hf_chat_template,
+    parse_chat_messages,
+    resolve_chat_template_content_format,
+)
+from vllm.inputs import PromptType as _InputPrompt
+from vllm.inputs import TokensPrompt
 from vllm.logger import init_logger
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 logger = init_logger(__name__)
 
-PromptType = str | list[int] | dict[str, Any]
+# vllm.inputs' prompt types, plus a bare list of token ids.
+PromptType = _InputPrompt | list[int]
 
 
 def _final_only(params: SamplingParams) -> SamplingParams:
@@ -45,22 +56,45 @@ class LLM:
         self.engine_args = EngineArgs(model=model, tokenizer=tokenizer, **kwargs)
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
         self._request_counter = itertools.count()
+        self.default_sampling_params: dict[str, Any] | None = None
 
-    def get_tokenizer(self):
+    def get_tokenizer(self, lora_request: Any = None):
         return self.llm_engine.get_tokenizer()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the defaults the model's creator recommends in its
+        generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens as max_tokens), as upstream; plain ``SamplingParams()`` without one or
+        with ``generation_config="vllm"``. ``generate`` and ``chat`` use it when given none.
+        """
+        if self.default_sampling_params is None:
+            self.default_sampling_params = self.llm_engine.get_diff_sampling_param()
+            if self.default_sampling_params:
+                logger.info(
+                    "Default sampling parameters from the model's generation config: %s "
+                    "(pass generation_config='vllm' to use vLLM's own defaults).",
+                    self.default_sampling_params,
+                )
+        return SamplingParams(**self.default_sampling_params)
 
     def generate(
         self,
         prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
         lora_request: Any = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
+        """One output per prompt, in order. ``priority`` only orders scheduling upstream, which
+        cannot change the outputs; it is accepted and ignored."""
         if lora_request is not None:
-            raise ValueError("LoRA is not supported by this engine; pass lora_request=None.")
+            raise ValueError(
+                "LoRA is not supported by this engine (the base model runs); pass "
+                "lora_request=None, or merge the adapter into the weights."
+            )
         prompt_list = self._normalize_prompts(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [_final_only(sampling_params)] * len(prompt_list)
         else:
@@ -82,6 +116,52 @@ class LLM:
             raise
         return self._run_engine(request_ids, use_tqdm)
 
+    def chat(
+        self,
+        messages: list[ChatCompletionMessageParam] | list[list[ChatCompletionMessageParam]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        lora_request: Any = None,
+        chat_template: str | None = None,
+        chat_template_content_format: ChatTemplateContentFormatOption = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` messages)
+        or to a list of conversations, as upstream.
+
+        Each conversation is rendered by the chat template (``chat_template``, else the
+        tokenizer's), with ``tools`` and ``chat_template_kwargs`` passed to it, and its
+        tokens generated as ``generate`` would. Each output's ``prompt`` is the rendered
+        text. ``mm_processor_kwargs`` only concern multi-modal inputs, which this
+        text-only engine refuses.
+        """
+        is_batch = bool(messages) and all(isinstance(m, list) for m in messages)
+        conversations = messages if is_batch else [messages]
+        tokenizer = self.get_tokenizer()
+        content_format = resolve_chat_template_content_format(
+            chat_template, tools, chat_template_content_format, tokenizer
+        )
+        template_kwargs: dict[str, Any] = dict(
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+        )
+        template_kwargs.update(chat_template_kwargs or {})
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = apply_hf_chat_template(
+                tokenizer, parse_chat_messages(conversation, content_format), **template_kwargs
+            )
+            # The template writes the special tokens (BOS) itself.
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append(TokensPrompt(prompt=text, prompt_token_ids=ids))
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
     @staticmethod
     def _normalize_prompts(prompts) -> list[PromptType]:
         if isinstance(prompts, (str, dict)):
@@ -91,12 +171,15 @@ class LLM:
             return [prompts]  # one prompt given as token ids (checked by the engine)
         return prompts
 
-    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(
+        self, request_ids: list[str], use_tqdm: bool | Callable[..., tqdm]
+    ) -> list[RequestOutput]:
         engine = self.llm_engine
         finished: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
-            bar = tqdm(
+            bar_cls = use_tqdm if callable(use_tqdm) else tqdm  # upstream takes a tqdm factory
+            bar = bar_cls(
                 total=len(request_ids),
                 desc="Processed prompts",
                 dynamic_ncols=True,
