@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vllm.logger import init_logger
+from vllm.transformers_utils.gguf_utils import is_gguf, load_gguf_config
 
 logger = init_logger(__name__)
 
@@ -21,7 +22,7 @@ _STR_TO_DTYPE = {
     "bfloat16": torch.bfloat16,
 }
 
-LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "sharded_state")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "sharded_state", "gguf")
 
 
 def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any) -> torch.dtype:
@@ -75,6 +76,10 @@ class ModelConfig:
         if self.hf_config is None:
             self.hf_config = _load_hf_config(self.model, self.trust_remote_code, self.revision)
         self.dtype = _resolve_dtype(self.dtype, self.hf_config)
+        if self.quantization == "gguf" and is_gguf(self.model):
+            # Upstream runs GGUF's quantized kernels; here the loader dequantizes to dtype.
+            logger.info("GGUF weights are dequantized to %s as they load.", self.dtype)
+            self.quantization = None
         if self.quantization is not None:
             raise ValueError(
                 f"quantization={self.quantization!r} is not supported by this build; "
@@ -196,10 +201,13 @@ def _join_or(values: list[int]) -> str:
 def _load_hf_config(model: str, trust_remote_code: bool, revision: str | None) -> Any:
     from transformers import AutoConfig
 
+    if is_gguf(model):
+        return load_gguf_config(model, trust_remote_code)
     if not os.path.isdir(model):
         raise ValueError(
             f"model={model!r} is not a local directory. This engine never downloads: pass the "
-            "path of a Hugging Face model directory (config.json and weights)."
+            "path of a Hugging Face model directory (config.json and weights) or of a .gguf "
+            "file."
         )
     try:
         return AutoConfig.from_pretrained(

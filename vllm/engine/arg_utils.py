@@ -27,6 +27,7 @@ from vllm.engine.unsupported_args import (
     compat_help,
 )
 from vllm.logger import init_logger
+from vllm.transformers_utils.gguf_utils import is_gguf
 from vllm.utils import NATIVE_GEMM_FLAGS, FlexibleArgumentParser, cpu_lacks_native_gemm
 
 __all__ = ["EngineArgs", "FlexibleArgumentParser"]
@@ -186,6 +187,7 @@ class EngineArgs:
                 "Hugging Face model directory."
             )
         check_unsupported_args(self)
+        load_format = self._resolve_load_format()
 
         model_config = ModelConfig(
             model=self.model,
@@ -222,7 +224,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill,
         )
         load_config = LoadConfig(
-            load_format=self.load_format,
+            load_format=load_format,
             download_dir=self.download_dir,
             model_loader_extra_config=self.model_loader_extra_config,
             ignore_patterns=self.ignore_patterns,
@@ -238,6 +240,24 @@ class EngineArgs:
             load_config=load_config,
             device_config=device_config,
         )
+
+    def _resolve_load_format(self) -> str:
+        """'auto' reads a ``.gguf`` model file as 'gguf', as upstream infers it from the
+        file; formats that read a directory refuse one, and 'gguf' refuses a directory."""
+        gguf = is_gguf(self.model)
+        if gguf and self.load_format == "auto":
+            return "gguf"
+        if self.load_format == "gguf" and not gguf:
+            raise ValueError(
+                f"load_format='gguf' reads one .gguf file, but model={self.model!r} is not "
+                "one; pass the path of the .gguf file itself."
+            )
+        if gguf and self.load_format not in ("gguf", "dummy"):
+            raise ValueError(
+                f"model={self.model!r} is a GGUF file, which load_format="
+                f"{self.load_format!r} cannot read; use load_format='gguf' (or 'auto')."
+            )
+        return self.load_format
 
 
 def _json_arg(value: str) -> Any:
@@ -335,7 +355,8 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
             "'safetensors': only *.safetensors; 'pt': only PyTorch *.bin/*.pt; 'dummy': random "
             "weights with the right shapes, for profiling and tests; 'sharded_state': per-rank "
             "shards written by save_sharded_state, each rank reads only its own files (fastest "
-            "start-up for tensor parallelism).",
+            "start-up for tensor parallelism); 'gguf': a llama.cpp .gguf file, dequantized to "
+            "--dtype as it loads (implied by a .gguf --model).",
             choices=LOAD_FORMATS,
         ),
         _arg(

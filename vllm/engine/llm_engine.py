@@ -22,6 +22,7 @@ from vllm.logger import init_logger
 from vllm.outputs import RequestMetrics, RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.sequence import ModelRunnerOutput, SchedulerOutput, Sequence
+from vllm.transformers_utils.gguf_utils import gguf_generation_config, gguf_location, is_gguf
 
 logger = init_logger(__name__)
 
@@ -70,6 +71,8 @@ def _load_generation_config(model_config: ModelConfig) -> dict[str, Any]:
     model_dir = model_config.model
     if model_config.generation_config not in ("auto", "vllm"):
         model_dir = model_config.generation_config
+    elif is_gguf(model_config.model):  # a file, no directory: the ids its metadata gives
+        return gguf_generation_config(model_config.hf_config)
     path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -125,11 +128,15 @@ class LLMEngine:
         from transformers import AutoTokenizer
 
         mc = self.model_config
+        path, kwargs = mc.tokenizer, {}
+        if is_gguf(path):  # the GGUF's own tokenizer, its chat template included
+            path, kwargs = gguf_location(path)
         try:
             return AutoTokenizer.from_pretrained(
-                mc.tokenizer,
+                path,
                 trust_remote_code=mc.trust_remote_code,
                 use_fast=mc.tokenizer_mode != "slow",
+                **kwargs,
             )
         except Exception as e:
             raise ValueError(

@@ -143,6 +143,10 @@ def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
         from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
 
         return ShardedStateLoader(load_config)
+    if load_config.load_format == "gguf":
+        from vllm.model_executor.model_loader.gguf_loader import GGUFModelLoader
+
+        return GGUFModelLoader(load_config)
     return DefaultModelLoader(load_config)
 
 

@@ -1,0 +1,1 @@
+"""Helpers that read model configs and tokenizers the way transformers stores them."""
