@@ -16,7 +16,7 @@ from vllm.model_executor.layers.sampler import (
     SamplingMetadata,
     compute_prompt_logprobs,
 )
-from vllm.model_executor.model_loader import get_model
+from vllm.model_executor.model_loader import get_model, get_model_loader
 from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.sequence import (
     ModelRunnerOutput,
@@ -47,11 +47,14 @@ class ModelRunner:
         self.block_size = vllm_config.cache_config.block_size
         self.vocab_size = vllm_config.model_config.vocab_size
         self.model: nn.Module | None = None
+        self.bytes_read = 0  # checkpoint bytes read by load_model
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
 
     def load_model(self) -> None:
-        self.model = get_model(self.vllm_config)
+        loader = get_model_loader(self.vllm_config.load_config)
+        self.model = get_model(self.vllm_config, loader)
+        self.bytes_read = loader.bytes_read
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for seq_id in so.finished_seq_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +18,16 @@ from vllm.worker.model_runner import ModelRunner
 logger = init_logger(__name__)
 
 
+@dataclass
+class LoadStats:
+    """What loading the model cost one rank."""
+
+    rank: int
+    seconds: float  # the whole load: build the model, read the weights, post-process
+    bytes_read: int  # checkpoint bytes read (or memory-mapped) by the loader
+    peak_rss_growth: int  # bytes
+
+
 class Worker:
     def __init__(
         self, vllm_config: VllmConfig, rank: int = 0, distributed_init_method: str | None = None
@@ -27,6 +38,7 @@ class Worker:
         self.kv_cache: torch.Tensor | None = None
         self.model_runner: ModelRunner | None = None
         self.load_memory: tuple[int, int] | None = None
+        self.load_stats: LoadStats | None = None
 
     def init_device(self) -> None:
         device_config = self.vllm_config.device_config
@@ -47,17 +59,25 @@ class Worker:
         start = time.perf_counter()
         rss_before, _ = process_memory()
         self.model_runner.load_model()
+        seconds = time.perf_counter() - start
         _, peak = process_memory()
         # (RSS before, peak RSS so far) in bytes; in a fresh worker process the peak is
         # set by loading, so the difference is what loading cost this rank.
         self.load_memory = (rss_before, peak)
+        self.load_stats = LoadStats(
+            self.rank, seconds, self.model_runner.bytes_read, peak - rss_before
+        )
         logger.info(
             "Rank %d loaded the model in %.2f s; peak RSS %.2f GiB (+%.2f GiB while loading)",
             self.rank,
-            time.perf_counter() - start,
+            seconds,
             peak / (1 << 30),
             (peak - rss_before) / (1 << 30),
         )
+
+    def get_load_stats(self) -> LoadStats | None:
+        """What loading the model cost this rank (``llm.collective_rpc("get_load_stats")``)."""
+        return self.load_stats
 
     @property
     def model(self) -> torch.nn.Module:

@@ -23,7 +23,6 @@ from vllm.model_executor.model_loader.loader import (
     BaseModelLoader,
     check_all_loaded,
     initialize_model,
-    log_weights_loaded,
 )
 from vllm.model_executor.model_loader.safetensors_io import ReadStats
 from vllm.transformers_utils.gguf_utils import is_gguf
@@ -186,4 +185,4 @@ class GGUFModelLoader(BaseModelLoader):
         with torch.no_grad(), gc_paused():
             loaded = model.load_weights(weights)
         check_all_loaded(model, loaded)
-        log_weights_loaded(start, stats.bytes_read)
+        self.report_weights_loaded(start, stats.bytes_read)

@@ -87,6 +87,12 @@ def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
 class BaseModelLoader(ABC):
     def __init__(self, load_config: LoadConfig):
         self.load_config = load_config
+        self.bytes_read = 0  # checkpoint bytes this rank read or mapped, once loaded
+
+    def report_weights_loaded(self, start: float, nbytes: int) -> None:
+        """Log upstream's "Loading weights took" line and keep the bytes read."""
+        log_weights_loaded(start, nbytes)
+        self.bytes_read = nbytes
 
     @abstractmethod
     def load_model(self, vllm_config: VllmConfig) -> nn.Module:
@@ -120,7 +126,7 @@ class DefaultModelLoader(BaseModelLoader):
         with torch.no_grad(), gc_paused():  # objects made per tensor trigger full collections
             loaded = model.load_weights(iterate(files, stats))
         check_all_loaded(model, loaded)
-        log_weights_loaded(start, stats.bytes_read)
+        self.report_weights_loaded(start, stats.bytes_read)
 
 
 class DummyModelLoader(BaseModelLoader):
@@ -158,8 +164,10 @@ def process_weights_after_loading(model: nn.Module) -> None:
             hook()
 
 
-def get_model(vllm_config: VllmConfig) -> nn.Module:
-    model = get_model_loader(vllm_config.load_config).load_model(vllm_config)
+def get_model(vllm_config: VllmConfig, loader: BaseModelLoader | None = None) -> nn.Module:
+    """This rank's model, loaded by ``loader`` (by default the one for ``load_format``)."""
+    loader = loader or get_model_loader(vllm_config.load_config)
+    model = loader.load_model(vllm_config)
     with torch.no_grad():
         process_weights_after_loading(model)
     return model

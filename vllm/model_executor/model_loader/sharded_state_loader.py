@@ -23,7 +23,6 @@ from vllm.model_executor.model_loader import sharded_state_dir
 from vllm.model_executor.model_loader.loader import (
     BaseModelLoader,
     initialize_model,
-    log_weights_loaded,
 )
 from vllm.model_executor.model_loader.parallel_reader import ParallelReader
 from vllm.model_executor.model_loader.safetensors_io import (
@@ -136,7 +135,7 @@ class ShardedStateLoader(BaseModelLoader):
         if in_block and len(files) == 1:
             nbytes = _load_block(region, files[0][0], crcs[0] if crcs else None, use_mmap)
             if nbytes is not None:
-                log_weights_loaded(start, nbytes)
+                self.report_weights_loaded(start, nbytes)
                 return
         state = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
         # In the block: the same tensors, without sorting out shared memory.
@@ -148,7 +147,7 @@ class ShardedStateLoader(BaseModelLoader):
             if use_mmap:
                 nbytes += _map_files(headers, targets, state, in_block)
             nbytes += ParallelReader().read(headers, targets, crcs)
-        log_weights_loaded(start, nbytes)
+        self.report_weights_loaded(start, nbytes)
 
     def _use_mmap(self, vllm_config: VllmConfig) -> bool:
         if vllm_config.device_config.torch_device.type != "cpu" or self.verify:
