@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+from vllm.transformers_utils.gguf_utils import is_gguf
 
 DEFAULT_MAX_FILE_SIZE = 5 * 1024**3
 # Weights are what the shards replace; everything else in the model directory is copied.
@@ -83,6 +88,22 @@ def copy_metadata_files(model_path: str, output: str) -> list[str]:
     return copied
 
 
+def save_metadata_files(llm: Any, model_path: str, output: str) -> None:
+    """Give ``output`` what loading it needs besides the shards: the model directory's
+    non-weight files, or for a GGUF file (which has no directory of its own) the config,
+    tokenizer and generation config the engine read from it, as Hugging Face files."""
+    if os.path.isdir(model_path):
+        copy_metadata_files(model_path, output)
+        return
+    engine = llm.llm_engine
+    config = copy.deepcopy(engine.model_config.hf_config)
+    config.dtype = engine.model_config.dtype  # the shards' dtype, not the file's
+    config.save_pretrained(output)
+    llm.get_tokenizer().save_pretrained(output)
+    with open(os.path.join(output, "generation_config.json"), "w") as f:
+        json.dump(engine.generation_config, f, indent=2)
+
+
 def main(args: argparse.Namespace) -> None:
     """Upstream's example, step by step."""
     from vllm import LLM, EngineArgs
@@ -97,10 +118,10 @@ def main(args: argparse.Namespace) -> None:
             "weights first, then save the merged model."
         )
     model_path = engine_args.model
-    if not Path(model_path).is_dir():
+    if not Path(model_path).is_dir() and not is_gguf(model_path):
         raise ValueError(
-            f"--model must be a local model directory, got {model_path!r} (models are never "
-            "downloaded; the directory's config and tokenizer files are copied to --output)."
+            f"--model must be a local model directory or .gguf file, got {model_path!r} "
+            "(models are never downloaded; the config and tokenizer files go to --output)."
         )
     # The save's own options are checked before the model loads.
     if args.file_pattern is not None:
@@ -121,4 +142,4 @@ def main(args: argparse.Namespace) -> None:
             if created and not any(output.iterdir()):
                 output.rmdir()  # leave no empty directory behind a failed save
         raise
-    copy_metadata_files(model_path, args.output)
+    save_metadata_files(llm, model_path, args.output)
