@@ -30,7 +30,9 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any) -> torch.dtype:
         return dtype
     dtype = dtype.lower()
     if dtype == "auto":
-        cfg_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        # transformers >= 4.56 names it dtype (and warns on reading torch_dtype).
+        key = "dtype" if hasattr(hf_config, "dtype") else "torch_dtype"
+        cfg_dtype = getattr(hf_config, key, None)
         if isinstance(cfg_dtype, str):
             cfg_dtype = _STR_TO_DTYPE.get(cfg_dtype, torch.float32)
         if cfg_dtype not in (torch.float32, torch.float16, torch.bfloat16):
