@@ -7,6 +7,8 @@ parallel layers run unchanged in a single process.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -54,6 +56,25 @@ def destroy_distributed_environment() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _INFO = DistributedInfo()
+
+
+@contextmanager
+def tensor_parallel_state(rank: int, world_size: int) -> Iterator[None]:
+    """Act as rank ``rank`` of ``world_size`` TP ranks without joining a process group.
+
+    Building a rank's model and loading its weights do not communicate, so one process
+    can build any rank's model (tests, checks of a layout); collectives still need a
+    real group. The previous state comes back on exit.
+    """
+    global _INFO
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside tensor_parallel_size={world_size}.")
+    previous = _INFO
+    _INFO = DistributedInfo(rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        _INFO = previous
 
 
 def get_tensor_model_parallel_rank() -> int:
