@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from vllm.model_executor.layers.shard_spec import get_shard_spec
+
 # A checkpoint tensor: a real tensor, or a lazy slice (``safetensors_io.TensorSlice``, or
 # safetensors' ``get_slice``) that reads from disk only the part a rank asks for.
 LoadedWeight = Any
@@ -21,13 +23,9 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
 def get_shard_dim(param: torch.Tensor) -> int | None:
     """The dimension tensor-parallel ranks split ``param`` along; None when replicated.
 
-    Derived from the parameter's own attributes: its ``weight_loader`` belongs to the layer
-    that shards it, and that layer's ``tp_split_attr`` says which of the parameter's
-    ``output_dim``/``input_dim`` is the split one.
+    What the layer that made ``param`` stated in its ``shard_spec``.
     """
-    layer = getattr(getattr(param, "weight_loader", None), "__self__", None)
-    attr = getattr(layer, "tp_split_attr", None)
-    return getattr(param, attr, None) if attr else None
+    return get_shard_spec(param).dim
 
 
 def weight_shape(w: LoadedWeight) -> tuple[int, ...]:

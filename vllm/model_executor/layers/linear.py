@@ -2,8 +2,9 @@
 
 Each parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that
 takes the full checkpoint tensor (or a lazy slice of it) and copies in this rank's
-part, plus ``output_dim``/``input_dim`` attributes saying which dimension is split.
-This is the one place that knows how a tensor is sharded.
+part, and a ``shard_spec`` (``shard_spec.ShardSpec``) stating that same sharding as
+data, for the sharded-state saver and the resharder. The layer is the one place that
+knows how a tensor is sharded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
+from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
 from vllm.model_executor.utils import (
     LoadedWeight,
     check_size,
@@ -127,10 +129,6 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
 
 
 class LinearBase(nn.Module):
-    # Which parameter attribute (``output_dim`` or ``input_dim``) names the dimension this
-    # layer splits across ranks; None: replicated. Read by ``get_shard_dim``.
-    tp_split_attr: str | None = None
-
     def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype=None):
         super().__init__()
         self.input_size = input_size
@@ -139,17 +137,31 @@ class LinearBase(nn.Module):
         self.tp_rank = get_tensor_model_parallel_rank()
         self.tp_size = get_tensor_model_parallel_world_size()
 
-    def _make_params(self, out_features: int, in_features: int, bias: bool, attrs: dict) -> None:
+    def _make_params(
+        self,
+        out_features: int,
+        in_features: int,
+        bias: bool,
+        attrs: dict,
+        spec: ShardSpec,
+        bias_spec: ShardSpec,
+    ) -> None:
+        """``spec``/``bias_spec``: how the weight and the bias are sharded."""
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=self.params_dtype), requires_grad=False
         )
-        set_weight_attrs(self.weight, {"weight_loader": self.weight_loader, **attrs})
+        set_weight_attrs(
+            self.weight, {"weight_loader": self.weight_loader, "shard_spec": spec, **attrs}
+        )
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(out_features, dtype=self.params_dtype), requires_grad=False
             )
             bias_attrs = {k: v for k, v in attrs.items() if k == "output_dim"}
-            set_weight_attrs(self.bias, {"weight_loader": self.weight_loader, **bias_attrs})
+            set_weight_attrs(
+                self.bias,
+                {"weight_loader": self.weight_loader, "shard_spec": bias_spec, **bias_attrs},
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -160,7 +172,8 @@ class LinearBase(nn.Module):
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = True, params_dtype=None):
         super().__init__(input_size, output_size, bias, params_dtype)
-        self._make_params(output_size, input_size, bias, {})
+        replicated = ShardSpec.replicated()
+        self._make_params(output_size, input_size, bias, {}, replicated, replicated)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
         copy_weight(param.data, loaded_weight)
@@ -171,8 +184,6 @@ class ReplicatedLinear(LinearBase):
 
 class ColumnParallelLinear(LinearBase):
     """Y = X A with A split by columns (output features) across ranks."""
-
-    tp_split_attr = "output_dim"
 
     def __init__(
         self,
@@ -185,9 +196,19 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, output_size, bias, params_dtype)
         self.gather_output = gather_output
         self.output_size_per_partition = divide(output_size, self.tp_size, "output size")
+        spec = ShardSpec(0, self.output_segments())  # the bias splits like the weight
         self._make_params(
-            self.output_size_per_partition, input_size, bias, {"output_dim": 0, "input_dim": 1}
+            self.output_size_per_partition,
+            input_size,
+            bias,
+            {"output_dim": 0, "input_dim": 1},
+            spec,
+            spec,
         )
+
+    def output_segments(self) -> tuple[Segment, ...]:
+        """The global output rows, in the order each rank holds its part of them."""
+        return (Segment(self.output_size),)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: LoadedWeight, shard_id=None
@@ -217,6 +238,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     ):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, gather_output, params_dtype)
+
+    def output_segments(self) -> tuple[Segment, ...]:
+        return tuple(Segment(size) for size in self.output_sizes)
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: LoadedWeight, shard_id: int | None = None
@@ -272,6 +296,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
         super().__init__(hidden_size, output_size, bias, False, params_dtype)
 
+    def output_segments(self) -> tuple[Segment, ...]:
+        # Whole heads per rank; KV heads replicated when ranks outnumber them.
+        kv = Segment(self.total_num_kv_heads * self.head_size, self.head_size, replicate=True)
+        return (Segment(self.total_num_heads * self.head_size, self.head_size), kv, kv)
+
     @property
     def q_size(self) -> int:
         return self.num_heads * self.head_size
@@ -311,8 +340,6 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Y = X A with A split by rows (input features); partial results are summed."""
 
-    tp_split_attr = "input_dim"  # the bias has no input_dim: it is replicated
-
     def __init__(
         self,
         input_size: int,
@@ -327,13 +354,21 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
         self.input_size_per_partition = divide(input_size, self.tp_size, "input size")
         self._make_params(
-            output_size, self.input_size_per_partition, False, {"output_dim": 0, "input_dim": 1}
+            output_size,
+            self.input_size_per_partition,
+            False,
+            {"output_dim": 0, "input_dim": 1},
+            ShardSpec(1, (Segment(input_size),)),
+            ShardSpec.replicated(),
         )
-        if bias:  # added once, after the reduction
+        if bias:  # added once, after the reduction: every rank holds all of it
             self.bias = nn.Parameter(
                 torch.empty(output_size, dtype=self.params_dtype), requires_grad=False
             )
-            set_weight_attrs(self.bias, {"weight_loader": self.weight_loader})
+            set_weight_attrs(
+                self.bias,
+                {"weight_loader": self.weight_loader, "shard_spec": ShardSpec.replicated()},
+            )
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
         if param is self.bias or len(weight_shape(loaded_weight)) == 1:

@@ -18,6 +18,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.linear import linear, pack_linear_weight
+from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
 from vllm.model_executor.utils import LoadedWeight, copy_weight, narrow_weight, set_weight_attrs
 
 DEFAULT_VOCAB_PADDING_SIZE = 64
@@ -28,8 +29,6 @@ def pad_vocab_size(vocab_size: int, pad_to: int) -> int:
 
 
 class VocabParallelEmbedding(nn.Module):
-    tp_split_attr = "output_dim"  # vocabulary rows; see LinearBase.tp_split_attr
-
     def __init__(
         self,
         num_embeddings: int,
@@ -46,6 +45,8 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start_index = self.tp_rank * self.num_embeddings_per_partition
         self.vocab_end_index = self.vocab_start_index + self.num_embeddings_per_partition
         self.embedding_dim = embedding_dim
+        # Vocabulary rows, padded as above; the LM head's bias splits the same way.
+        self.vocab_shard_spec = ShardSpec(0, (Segment(num_embeddings, pad_multiple=padding_size),))
         self.weight = nn.Parameter(
             torch.empty(
                 self.num_embeddings_per_partition,
@@ -56,7 +57,12 @@ class VocabParallelEmbedding(nn.Module):
         )
         set_weight_attrs(
             self.weight,
-            {"weight_loader": self.weight_loader, "output_dim": 0, "org_size": num_embeddings},
+            {
+                "weight_loader": self.weight_loader,
+                "output_dim": 0,
+                "org_size": num_embeddings,
+                "shard_spec": self.vocab_shard_spec,
+            },
         )
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: LoadedWeight) -> None:
@@ -93,7 +99,14 @@ class ParallelLMHead(VocabParallelEmbedding):
                 torch.empty(self.num_embeddings_per_partition, dtype=self.weight.dtype),
                 requires_grad=False,
             )
-            set_weight_attrs(self.bias, {"weight_loader": self.weight_loader, "output_dim": 0})
+            set_weight_attrs(
+                self.bias,
+                {
+                    "weight_loader": self.weight_loader,
+                    "output_dim": 0,
+                    "shard_spec": self.vocab_shard_spec,
+                },
+            )
         else:
             self.register_parameter("bias", None)
 
