@@ -20,11 +20,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm.model_executor.model_loader.safetensors_io import (
-    SafetensorsFile,
-    ShardFileError,
-    read_header,
-)
+from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
+from vllm.model_executor.model_loader.safetensors.slices import SafetensorsFile
 from vllm.model_executor.model_loader.sharded_state_format import MANIFEST_NAME, read_manifest
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -20,18 +21,15 @@ from safetensors.torch import load_file, save_file
 from zlib_ng import zlib_ng
 
 from vllm.model_executor.model_loader import loader as loader_module
-from vllm.model_executor.model_loader import parallel_reader, safetensors_io
-from vllm.model_executor.model_loader.parallel_reader import (
-    ParallelReader,
-    default_num_threads,
-)
-from vllm.model_executor.model_loader.safetensors_io import (
+from vllm.model_executor.model_loader.safetensors import reader, staging
+from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
+from vllm.model_executor.model_loader.safetensors.reader import (
     ReadStats,
-    SafetensorsFile,
-    ShardFileError,
-    read_header,
-    write_file,
+    default_num_threads,
+    read_tensors,
 )
+from vllm.model_executor.model_loader.safetensors.slices import SafetensorsFile
+from vllm.model_executor.model_loader.safetensors.writer import write_file
 from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 from vllm.model_executor.utils import copy_weight
 
@@ -90,7 +88,7 @@ def _flip_byte(path: str, offset: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# ParallelReader
+# read_tensors: whole files into a model's tensors
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -98,7 +96,7 @@ def _flip_byte(path: str, offset: int) -> None:
 @pytest.mark.parametrize("verify", [False, True])
 def test_parallel_read_many_files_mixed_dtypes(tmp_path, monkeypatch, threads, window, verify):
     """Several files, tensors split across windows and threads, load bit-exactly."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", window)
+    monkeypatch.setattr(reader, "_TASK_BYTES", window)
     originals, headers, sizes, crcs = {}, [], [], []
     for i in range(3):
         tensors = _mixed_tensors(f"f{i}", seed=i)
@@ -108,7 +106,7 @@ def test_parallel_read_many_files_mixed_dtypes(tmp_path, monkeypatch, threads, w
         sizes.append(size)
         crcs.append(crc)
     targets = _targets_for(originals)
-    nbytes = ParallelReader(threads).read(headers, targets, crcs if verify else None)
+    nbytes = read_tensors(headers, targets, crcs if verify else None, num_threads=threads)
     _assert_same(targets, originals)
     if verify:
         assert nbytes == sum(sizes) == sum(os.path.getsize(h.path) for h in headers)
@@ -118,12 +116,12 @@ def test_parallel_read_many_files_mixed_dtypes(tmp_path, monkeypatch, threads, w
 
 def test_parallel_read_bytes_read_mixed_verification(tmp_path, monkeypatch):
     """A verified file is read whole; an unverified one only its tensor data."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    monkeypatch.setattr(reader, "_TASK_BYTES", 64)
     a, b = _mixed_tensors("a", 1), _mixed_tensors("b", 2)
     pa, size_a, crc_a = _write(tmp_path, "a.safetensors", a)
     pb, _, _ = _write(tmp_path, "b.safetensors", b)
     targets = _targets_for({**a, **b})
-    nbytes = ParallelReader(2).read([read_header(pa), read_header(pb)], targets, [crc_a, None])
+    nbytes = read_tensors([read_header(pa), read_header(pb)], targets, [crc_a, None], num_threads=2)
     _assert_same(targets, {**a, **b})
     assert nbytes == size_a + _data_bytes(b)
 
@@ -133,44 +131,65 @@ def test_parallel_read_more_tensors_than_iov_max(tmp_path):
     tensors = {f"t{i:05d}": torch.tensor([i, -i], dtype=torch.int32) for i in range(2500)}
     path, size, crc = _write(tmp_path, "many.safetensors", tensors)
     targets = _targets_for(tensors)
-    assert ParallelReader(2).read([read_header(path)], targets, [crc]) == size
+    assert read_tensors([read_header(path)], targets, [crc], num_threads=2) == size
     _assert_same(targets, tensors)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_parallel_read_into_non_contiguous_destination(tmp_path, monkeypatch, threads):
     """A transposed destination gets the checkpoint's values in its logical layout."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", 16)
+    monkeypatch.setattr(reader, "_TASK_BYTES", 16)
     src = {"w": torch.arange(12, dtype=torch.float32).reshape(4, 3), "v": torch.arange(5.0)}
     path, _, crc = _write(tmp_path, "nc.safetensors", src)
     dst = torch.empty(3, 4).t()
     assert not dst.is_contiguous()
     v = torch.zeros(5)
-    ParallelReader(threads).read([read_header(path)], {"w": dst, "v": v}, [crc])
+    read_tensors([read_header(path)], {"w": dst, "v": v}, [crc], num_threads=threads)
     assert torch.equal(dst, src["w"])
     assert torch.equal(v, src["v"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "device",
+    [
+        "staged-cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+        ),
+    ],
+)
 @pytest.mark.parametrize("threads", [1, 3])
-def test_parallel_read_into_cuda_through_pinned_staging(tmp_path, monkeypatch, threads):
-    """CUDA destinations (and a mix with CPU ones in one window) get exact bytes; small
-    windows make each thread reuse its two staging buffers many times."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", 4096)
+@pytest.mark.parametrize("verify", [False, True])
+def test_parallel_read_through_pinned_staging(tmp_path, monkeypatch, device, threads, verify):
+    """CUDA destinations (and a mix with CPU ones in one file; on the CPU, every one
+    read the way of a CUDA one) get exact bytes and the file's checksum; buffers of
+    1 KiB make each thread reuse its two staging buffers many times."""
+    monkeypatch.setattr(reader, "_TASK_BYTES", 4096)
+    monkeypatch.setattr(staging, "STAGE_BYTES", 1024)
+    if device == "staged-cpu":
+        monkeypatch.setattr(staging, "STAGE_CPU_READS", True)
     src = _mixed_tensors("g", 5) | {"big": torch.randn(300, 70)}
     path, size, crc = _write(tmp_path, "cuda.safetensors", src)
+    on = "cuda" if device == "cuda" else "cpu"
     dst = {
-        k: torch.full_like(v, 0).cuda() if k != "big" else torch.empty_like(v)
+        k: torch.full_like(v, 0).to(on) if k != "big" else torch.empty_like(v)
         for k, v in src.items()
     }
-    assert ParallelReader(threads).read([read_header(path)], dst, [crc]) == size
+    dst["g.fp32"] = torch.empty(5, 37, device=on).t()  # not contiguous: read, then copied
+    nbytes = read_tensors([read_header(path)], dst, [crc] if verify else None, num_threads=threads)
+    assert nbytes == (size if verify else _data_bytes(src))
     _assert_same({k: v.cpu() for k, v in dst.items()}, src)
+    if verify:
+        header = read_header(path)
+        _flip_byte(path, header.data_start + (header.size - header.data_start) // 2)
+        with pytest.raises(ShardFileError, match="Checksum mismatch"):
+            read_tensors([header], dst, [crc], num_threads=threads)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_parallel_read_flipped_byte_fails_checksum(tmp_path, monkeypatch, threads):
     """A corrupted data byte is reported with the path; without CRCs the file still loads."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    monkeypatch.setattr(reader, "_TASK_BYTES", 64)
     tensors = _mixed_tensors("x", 3)
     good, _, good_crc = _write(tmp_path, "good.safetensors", tensors)
     other = _mixed_tensors("y", 4)
@@ -179,12 +198,14 @@ def test_parallel_read_flipped_byte_fails_checksum(tmp_path, monkeypatch, thread
     _flip_byte(path, header.data_start + (header.size - header.data_start) // 2)
     headers = [read_header(good), read_header(path)]
     with pytest.raises(ShardFileError, match="Checksum mismatch") as info:
-        ParallelReader(threads).read(headers, _targets_for({**tensors, **other}), [good_crc, crc])
+        read_tensors(
+            headers, _targets_for({**tensors, **other}), [good_crc, crc], num_threads=threads
+        )
     assert path in str(info.value)
     assert good not in str(info.value)
     # Without checksums nothing notices: the file loads, with one value changed.
     targets = _targets_for({**tensors, **other})
-    ParallelReader(threads).read(headers, targets)
+    read_tensors(headers, targets, num_threads=threads)
     _assert_same({k: targets[k] for k in tensors}, tensors)
     assert any(not torch.equal(targets[k], v) for k, v in other.items())
 
@@ -192,13 +213,13 @@ def test_parallel_read_flipped_byte_fails_checksum(tmp_path, monkeypatch, thread
 @pytest.mark.parametrize("verify", [False, True])
 def test_parallel_read_file_truncated_after_header(tmp_path, monkeypatch, verify):
     """A file cut short between read_header and read is named, not read as zeros."""
-    monkeypatch.setattr(parallel_reader, "WINDOW", 64)
+    monkeypatch.setattr(reader, "_TASK_BYTES", 64)
     tensors = _mixed_tensors("t", 5)
     path, _, crc = _write(tmp_path, "trunc.safetensors", tensors)
     header = read_header(path)
     os.truncate(path, header.size - 50)
     with pytest.raises(ShardFileError) as info:
-        ParallelReader(3).read([header], _targets_for(tensors), [crc] if verify else None)
+        read_tensors([header], _targets_for(tensors), [crc] if verify else None, num_threads=3)
     assert path in str(info.value)
 
 
@@ -208,13 +229,12 @@ def test_parallel_read_missing_file_is_named(tmp_path):
     header = read_header(path)
     os.remove(path)
     with pytest.raises(ShardFileError, match=re.escape(path)):
-        ParallelReader(2).read([header], _targets_for(tensors))
+        read_tensors([header], _targets_for(tensors), num_threads=2)
 
 
 def test_default_num_threads_env(monkeypatch):
     monkeypatch.setenv("VLLM_LOAD_THREADS", "5")
     assert default_num_threads() == 5
-    assert ParallelReader().num_threads == 5
     monkeypatch.delenv("VLLM_LOAD_THREADS")
     assert 1 <= default_num_threads() <= 8
 
@@ -258,10 +278,10 @@ def strided_path(request, monkeypatch) -> str:
     and joined again, rows longer than a buffer read one by one; strided slices taken
     out of whole rows, or for large tensors copied into the buffers out of mappings)."""
     if request.param == "mapped" or request.param == "staged_mapped":
-        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
+        monkeypatch.setattr(reader, "_SMALL_TENSOR_BYTES", 0)
     if request.param.startswith("staged"):
-        monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
-        monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 64)
+        monkeypatch.setattr(staging, "STAGE_CPU_READS", True)
+        monkeypatch.setattr(staging, "STAGE_BYTES", 64)
     return request.param
 
 
@@ -429,12 +449,12 @@ def test_upstream_written_file_reads_correctly(tmp_path):
         col = f.get_slice("u.big").narrow(1, 5, 3)
         assert torch.equal(col[:], tensors["u.big"][:, 5:8])
     assert stats.bytes_read == _data_bytes(tensors) + 33 * 17 * 4  # small: read whole
-    # The parallel reader takes the same file.
+    # read_tensors takes the same file.
     targets = _targets_for(tensors)
     size = os.path.getsize(path)
     assert (
-        ParallelReader(2).read(
-            [read_header(path)], targets, [zlib_ng.crc32(open(path, "rb").read())]
+        read_tensors(
+            [read_header(path)], targets, [zlib_ng.crc32(open(path, "rb").read())], num_threads=2
         )
         == size
     )
@@ -466,8 +486,8 @@ def test_column_slice_is_one_mapped_copy(tmp_path, monkeypatch):
     w = torch.randn(300, 1024)  # over 1 MiB: small tensors take one read instead
     path, _, _ = _write(tmp_path, "rows.safetensors", {"w": w})
     reads = []
-    original = safetensors_io.preadv_fully
-    monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
+    original = reader.preadv_fully
+    monkeypatch.setattr(reader, "preadv_fully", lambda *a: reads.append(a) or original(*a))
     stats = ReadStats()
     pool = ThreadPoolExecutor(2)
     with SafetensorsFile(path, stats, pool) as f:
@@ -489,9 +509,9 @@ def test_column_slice_of_small_tensor_is_one_read(tmp_path, monkeypatch, wait):
     w = torch.randn(300, 64)
     path, _, _ = _write(tmp_path, "small.safetensors", {"w": w, "b": torch.randn(7)})
     reads = []
-    original = safetensors_io.preadv_fully
-    monkeypatch.setattr(safetensors_io, "preadv_fully", lambda *a: reads.append(a) or original(*a))
-    monkeypatch.setattr(safetensors_io.mmap, "mmap", None)  # any mapping would fail
+    original = reader.preadv_fully
+    monkeypatch.setattr(reader, "preadv_fully", lambda *a: reads.append(a) or original(*a))
+    monkeypatch.setattr(mmap, "mmap", None)  # any mapping would fail
     stats = ReadStats()
     pool = ThreadPoolExecutor(2)
     with SafetensorsFile(path, stats, pool) as f:
@@ -509,7 +529,7 @@ def test_column_slice_of_small_tensor_is_one_read(tmp_path, monkeypatch, wait):
 def test_queued_reads_land_after_the_iterator_ends(tmp_path, monkeypatch):
     """read_into through the iterator only queues reads (several threads, big reads
     split): every parameter holds its bytes once the iteration is over."""
-    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 256)  # many tasks per tensor
+    monkeypatch.setattr(reader, "_TASK_BYTES", 256)  # many tasks per tensor
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
     a = {f"w{i}": torch.randn(40, 33) for i in range(6)}
     path, _, _ = _write(tmp_path, "q.safetensors", a)
@@ -526,9 +546,9 @@ def test_small_reads_are_gathered_into_few_preadvs(tmp_path, monkeypatch):
     a = {f"w{i:03d}": torch.randn(8, 16) for i in range(200)}
     path, _, _ = _write(tmp_path, "small.safetensors", a)
     calls = []
-    original = safetensors_io.preadv_fully
+    original = reader.preadv_fully
     monkeypatch.setattr(
-        safetensors_io,
+        reader,
         "preadv_fully",
         lambda fd, views, *r: calls.append(len(views)) or original(fd, views, *r),
     )
@@ -548,7 +568,7 @@ def test_reads_into_views_of_one_buffer(tmp_path, monkeypatch):
     """Destinations that share one buffer (a model in its weight block) each get exactly
     their bytes, row slices included, and the bytes between them are left alone; a
     destination with a buffer of its own is not held once its read is done."""
-    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 512)  # big tensors over tasks
+    monkeypatch.setattr(reader, "_TASK_BYTES", 512)  # big tensors over tasks
     a = {f"w{i}": torch.randn(40 + i, 9) for i in range(5)}
     a["scalar"] = torch.tensor(2.5)
     path, _, _ = _write(tmp_path, "shared.safetensors", a)
@@ -615,17 +635,17 @@ def test_staged_reads_through_the_pool(tmp_path, monkeypatch, large):
     column slices copied into the buffers out of mappings); small tensors stored back
     to back share a buffer, one preadv per buffer."""
     if large:
-        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
-    monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", True)
-    monkeypatch.setattr(safetensors_io, "STAGE_BYTES", 1024)
-    monkeypatch.setattr(safetensors_io, "_TASK_BYTES", 4096)
+        monkeypatch.setattr(reader, "_SMALL_TENSOR_BYTES", 0)
+    monkeypatch.setattr(staging, "STAGE_CPU_READS", True)
+    monkeypatch.setattr(staging, "STAGE_BYTES", 1024)
+    monkeypatch.setattr(reader, "_TASK_BYTES", 4096)
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
     path, a = _staged_checkpoint(tmp_path)
     cases = _staged_cases(a)
     reads = []  # (offset, bytes)
-    original = safetensors_io.preadv_fully
+    original = staging.preadv_fully
     monkeypatch.setattr(
-        safetensors_io,
+        staging,
         "preadv_fully",
         lambda fd, views, offset, path: (
             reads.append((offset, sum(map(len, views)))) or original(fd, views, offset, path)
@@ -652,9 +672,9 @@ def test_read_into_cuda_tensors(tmp_path, monkeypatch, stage_bytes, large):
     another dtype; with small buffers (many turns of each) and the real size; strided
     slices of small tensors rearranged on the device, of large ones on the host."""
     if large:
-        monkeypatch.setattr(safetensors_io, "_SMALL_TENSOR_BYTES", 0)
+        monkeypatch.setattr(reader, "_SMALL_TENSOR_BYTES", 0)
     if stage_bytes:
-        monkeypatch.setattr(safetensors_io, "STAGE_BYTES", stage_bytes)
+        monkeypatch.setattr(staging, "STAGE_BYTES", stage_bytes)
     monkeypatch.setenv("VLLM_LOAD_THREADS", "3")
     path, a = _staged_checkpoint(tmp_path)
     cases = _staged_cases(a)
@@ -697,7 +717,7 @@ def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch, staged)
     the reads go the way of a CUDA model's (staging buffers)."""
     from vllm import LLM
 
-    monkeypatch.setattr(safetensors_io, "_STAGE_CPU_READS", staged)
+    monkeypatch.setattr(staging, "STAGE_CPU_READS", staged)
 
     reported = []
     original = loader_module.log_weights_loaded

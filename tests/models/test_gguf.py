@@ -16,7 +16,7 @@ from vllm import LLM, EngineArgs, SamplingParams
 from vllm.model_executor.model_loader import gguf_tensor
 from vllm.model_executor.model_loader.gguf_loader import gguf_weights_iterator
 from vllm.model_executor.model_loader.gguf_tensor import GGUFTensor
-from vllm.model_executor.model_loader.safetensors_io import ReadStats
+from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.testing import make_model
 
 T = GGMLQuantizationType

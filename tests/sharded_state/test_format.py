@@ -12,12 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm.engine.arg_utils import EngineArgs
-from vllm.model_executor.model_loader.parallel_reader import ParallelReader
-from vllm.model_executor.model_loader.safetensors_io import (
-    ShardFileError,
-    read_header,
-    write_file,
-)
+from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
+from vllm.model_executor.model_loader.safetensors.reader import read_tensors
+from vllm.model_executor.model_loader.safetensors.writer import write_file
 from vllm.model_executor.model_loader.sharded_state_format import (
     find_rank_files,
     validate_pattern,
@@ -114,7 +111,7 @@ def test_filter_subtensors_mapped_file_keeps_every_tensor(tmp_path):
     path = str(tmp_path / "f.safetensors")
     tensors = {f"w{i:04d}": torch.full((3, 5), float(i)) for i in range(2000)}
     save_file(tensors, path)
-    from vllm.model_executor.model_loader.safetensors_io import map_file
+    from vllm.model_executor.model_loader.safetensors.mapping import map_file
 
     mapped = map_file(read_header(path))
     assert len({t.untyped_storage().data_ptr() for t in mapped.values()}) == 1
@@ -190,7 +187,7 @@ def test_write_file_is_standard_safetensors(tmp_path):
         k: torch.empty_like(t, memory_format=torch.contiguous_format) for k, t in tensors.items()
     }
     targets["strided"] = torch.empty(3, 4).t()  # a non-contiguous destination
-    assert ParallelReader(2).read([header], targets, [crc]) == size  # verifying reads it all
+    assert read_tensors([header], targets, [crc], num_threads=2) == size  # verifying reads it all
     assert all(torch.equal(targets[k], t) for k, t in tensors.items())
 
 

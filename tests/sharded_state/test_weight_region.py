@@ -9,12 +9,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vllm.model_executor.model_loader.safetensors_io import (
+from vllm.model_executor.model_loader.safetensors.format import (
     PAGE_SIZE,
     read_header,
     read_header_bytes,
-    write_file,
 )
+from vllm.model_executor.model_loader.safetensors.writer import write_file
 from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors
 from vllm.model_executor.model_loader.weight_region import WeightRegion
 

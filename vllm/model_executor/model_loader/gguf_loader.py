@@ -24,7 +24,7 @@ from vllm.model_executor.model_loader.loader import (
     check_all_loaded,
     initialize_model,
 )
-from vllm.model_executor.model_loader.safetensors_io import ReadStats
+from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.transformers_utils.gguf_utils import is_gguf
 from vllm.utils import gc_paused
 

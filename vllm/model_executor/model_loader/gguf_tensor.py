@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-from vllm.model_executor.model_loader.safetensors_io import ReadStats
+from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 
 
 def dequantizable(qtype: GGMLQuantizationType) -> bool:
@@ -28,7 +28,7 @@ def supported_types() -> list[str]:
 
 class GGUFTensor:
     """``narrow`` it, then index it (``[:]``) for a tensor of ``dtype``; the LoadedWeight
-    protocol of ``vllm.model_executor.utils``, like ``safetensors_io.TensorSlice``.
+    protocol of ``vllm.model_executor.utils``, like ``safetensors.slices.TensorSlice``.
 
     ``data`` is the reader's memory-mapped array: (rows, row bytes) for a quantized
     matrix, (rows, columns) for F32/F16, one dimension for a vector. ``rows`` maps each row

@@ -12,7 +12,7 @@ from torch import nn
 from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import onednn_packing_enabled
-from vllm.model_executor.model_loader.safetensors_io import ReadStats
+from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.model_executor.model_loader.state_dict_utils import (
     filter_subtensors,
     record_initial_state,

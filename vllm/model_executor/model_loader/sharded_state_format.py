@@ -15,7 +15,7 @@ import string
 from typing import Any
 
 from vllm.config import VllmConfig
-from vllm.model_executor.model_loader.safetensors_io import ShardFileError, dtype_name
+from vllm.model_executor.model_loader.safetensors.format import ShardFileError, dtype_name
 
 DEFAULT_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 MANIFEST_NAME = "sharded_state.json"

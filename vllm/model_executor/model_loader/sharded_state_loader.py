@@ -24,16 +24,16 @@ from vllm.model_executor.model_loader.loader import (
     BaseModelLoader,
     initialize_model,
 )
-from vllm.model_executor.model_loader.parallel_reader import ParallelReader
-from vllm.model_executor.model_loader.safetensors_io import (
+from vllm.model_executor.model_loader.safetensors.format import (
     FileHeader,
     ShardFileError,
     TensorEntry,
     dtype_name,
-    map_file,
     read_header,
     read_header_bytes,
 )
+from vllm.model_executor.model_loader.safetensors.mapping import map_file
+from vllm.model_executor.model_loader.safetensors.reader import read_tensors
 from vllm.model_executor.model_loader.sharded_state_format import (
     DEFAULT_PATTERN,
     MANIFEST_NAME,
@@ -146,7 +146,7 @@ class ShardedStateLoader(BaseModelLoader):
         with torch.no_grad():
             if use_mmap:
                 nbytes += _map_files(headers, targets, state, in_block)
-            nbytes += ParallelReader().read(headers, targets, crcs)
+            nbytes += read_tensors(headers, targets, crcs)
         self.report_weights_loaded(start, nbytes)
 
     def _use_mmap(self, vllm_config: VllmConfig) -> bool:
@@ -260,7 +260,7 @@ def _load_block(region: WeightRegion, path: str, crc: int | None, use_mmap: bool
         data = TensorEntry("<weights>", torch.uint8, (region.nbytes,), data_start, size)
         header = FileHeader(path, data_start, size, (data,))
         block = {data.name: region.base[: region.nbytes]}
-        return data_start + ParallelReader().read([header], block, [crc])
+        return data_start + read_tensors([header], block, [crc])
 
 
 def _check_headers(

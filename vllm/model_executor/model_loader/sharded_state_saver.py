@@ -26,14 +26,14 @@ from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_pa
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader import sharded_state_dir
 from vllm.model_executor.model_loader.loader import _default_dtype, initialize_model
-from vllm.model_executor.model_loader.safetensors_io import (
+from vllm.model_executor.model_loader.safetensors.format import (
     DTYPES,
     ShardFileError,
     dtype_name,
     read_header_bytes,
     read_header_json,
-    write_file,
 )
+from vllm.model_executor.model_loader.safetensors.writer import write_file
 from vllm.model_executor.model_loader.sharded_state_format import (
     DEFAULT_PATTERN,
     FORMAT_VERSION,

@@ -16,10 +16,7 @@ tensors were given other memory after it was built takes the per-tensor paths.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import mmap
-import os
 import weakref
 
 import torch
@@ -30,15 +27,9 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
-from vllm.model_executor.model_loader.safetensors_io import (
-    _MADV_POPULATE_READ,
-    PAGE_SIZE,
-    _contiguous_strides,
-    header_json,
-    open_for_read,
-    plan_layout,
-    write_raw,
-)
+from vllm.model_executor.model_loader.safetensors.format import PAGE_SIZE
+from vllm.model_executor.model_loader.safetensors.mapping import TypedViews, map_over, populate
+from vllm.model_executor.model_loader.safetensors.writer import header_json, plan_layout, write_raw
 
 # Attribute set on a model by ``build_region``.
 REGION_ATTR = "_weight_region"
@@ -56,13 +47,6 @@ def _count_registration(*_args) -> None:
 register_module_parameter_registration_hook(_count_registration)
 register_module_buffer_registration_hook(_count_registration)
 register_module_module_registration_hook(_count_registration)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long]  # fmt: skip
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_MAP_FIXED = 0x10  # Linux; not in Python 3.11's mmap module
 
 
 class WeightRegion:
@@ -82,13 +66,9 @@ class WeightRegion:
         self.tensors = [t for _, t in items]
         offsets = [header[name]["data_offsets"][0] for name in self.names]
         self._addresses = [self.address + offset for offset in offsets]
-        typed: dict[torch.dtype, torch.Tensor] = {}  # the block as each dtype it holds
+        views = TypedViews(self.base)
         for t, offset in zip(self.tensors, offsets):
-            if t.dtype not in typed:
-                usable = len(self.base) - len(self.base) % t.element_size()
-                typed[t.dtype] = self.base[:usable].view(t.dtype)
-            view = typed[t.dtype].as_strided(t.shape, _contiguous_strides(t.shape),
-                                             offset // t.element_size())  # fmt: skip
+            view = views.view(t.dtype, t.shape, offset)
             if not isinstance(t, nn.Parameter):
                 view.copy_(t)
             t.data = view
@@ -139,22 +119,8 @@ class WeightRegion:
         region's memory: private, copy-on-write, page tables filled."""
         if not self.nbytes:
             return
-        fd = open_for_read(path)
-        try:
-            prot = mmap.PROT_READ | mmap.PROT_WRITE
-            flags = mmap.MAP_PRIVATE | _MAP_FIXED
-            got = _libc.mmap(self.address, self.nbytes, prot, flags, fd, data_start)
-            if got in (None, _MAP_FAILED) or got != self.address:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of {path} over the weights failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)  # the mapping keeps the file open
-        self._memory.madvise(mmap.MADV_WILLNEED, 0, self.nbytes)
-        try:
-            self._memory.madvise(_MADV_POPULATE_READ, 0, self.nbytes)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS):  # older kernels: first touch
-                raise
+        map_over(self.address, self.nbytes, path, data_start)
+        populate(self._memory, 0, self.nbytes)
 
 
 def build_region(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

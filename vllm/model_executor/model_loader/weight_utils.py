@@ -10,8 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from vllm.model_executor.model_loader.parallel_reader import default_num_threads
-from vllm.model_executor.model_loader.safetensors_io import ReadStats, SafetensorsFile
+from vllm.model_executor.model_loader.safetensors.reader import (
+    ReadStats,
+    close_all,
+    default_num_threads,
+)
+from vllm.model_executor.model_loader.safetensors.slices import SafetensorsFile
 from vllm.model_executor.utils import LoadedWeight
 
 _WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -69,22 +73,11 @@ def safetensors_weights_iterator(
                     yield name, opened[-1].get_slice(name)
                 opened[-1].submit()  # its last reads start before the next file's
         except BaseException:  # the consumer stopped: its error is the one to see
-            _close_all(opened)
+            close_all(opened)
             raise
-        error = _close_all(opened)
+        error = close_all(opened)
         if error is not None:
             raise error
-
-
-def _close_all(opened: list[SafetensorsFile]) -> Exception | None:
-    """Close every file (each waits for its reads); the first error, if any."""
-    first = None
-    for f in opened:
-        try:
-            f.close()
-        except Exception as e:
-            first = first or e
-    return first
 
 
 def pt_weights_iterator(
