@@ -311,7 +311,7 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
 
     from vllm.model_executor.model_loader.loader import get_model_loader
     from vllm.model_executor.model_loader.safetensors.writer import write_file
-    from vllm.model_executor.model_loader.sharded_state_saver import save_sharded_state
+    from vllm.model_executor.model_loader.sharded_state.saver import save_sharded_state
     from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors
 
     model = get_model_loader(vllm_config.load_config).load_model(vllm_config)

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
 from vllm.model_executor.model_loader.safetensors.slices import SafetensorsFile
-from vllm.model_executor.model_loader.sharded_state_format import MANIFEST_NAME, read_manifest
+from vllm.model_executor.model_loader.sharded_state.manifest import MANIFEST_NAME, read_manifest
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPE_NAMES = ["F32", "F16", "BF16", "I64", "I32", "I8", "U8", "BOOL", "F64", "XX", "", 5]
@@ -180,7 +180,6 @@ def test_manifest_reader_refuses_by_name_or_lists_only_pattern_names(tmp_path_fa
     except ShardFileError as e:
         assert str(path) in str(e)
         return
-    pattern = read["pattern"]
-    for name, info in read["files"].items():
-        assert name == pattern.format(rank=info["rank"], part=info["part"])
+    for name, info in read.files.items():
+        assert name == read.pattern.format(rank=info.rank, part=info.part)
         assert "/" not in name and name not in ("", ".", "..")

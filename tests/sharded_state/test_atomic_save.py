@@ -19,7 +19,7 @@ from vllm.entrypoints.save_sharded_state import copy_metadata_files
 SCRIPT = """
 import os, sys, time
 from vllm import LLM
-from vllm.model_executor.model_loader import sharded_state_dir, sharded_state_saver
+from vllm.model_executor.model_loader.sharded_state import directory, saver
 
 src, out, phase, ready = sys.argv[1:5]
 
@@ -30,17 +30,17 @@ def stall(*args, **kwargs):
 
 
 if phase == "writing":  # some shard files written, others not
-    write_file = sharded_state_saver.write_file
+    write_file = saver.write_file
 
     def write_then_stall(*args, **kwargs):
         result = write_file(*args, **kwargs)
         stall()
 
-    sharded_state_saver.write_file = write_then_stall
+    saver.write_file = write_then_stall
 elif phase == "before-swap":  # every file and the manifest written, not yet in place
-    sharded_state_dir.commit = stall
+    directory.commit = stall
 elif phase == "after-swap":  # swapped into place, old contents not yet deleted
-    sharded_state_dir.delete_files = stall
+    directory.delete_files = stall
 
 if __name__ == "__main__":
     llm = LLM(model=src, dtype="float32", max_model_len=128, num_gpu_blocks_override=64)

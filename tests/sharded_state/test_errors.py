@@ -253,10 +253,10 @@ def test_saving_again_replaces_old_shards(source, ckpt):
 def test_saving_into_a_mount_point_replaces_in_place(source, ckpt, monkeypatch):
     """Where the target cannot be swapped (its parent is not writable), files move in one
     by one."""
-    from vllm.model_executor.model_loader import sharded_state_dir
+    from vllm.model_executor.model_loader.sharded_state import directory
 
     src, llm, tokens = source
-    monkeypatch.setattr(sharded_state_dir, "_can_swap", lambda target: False)
+    monkeypatch.setattr(directory, "_can_swap", lambda target: False)
     inode = os.stat(ckpt).st_ino
     llm.save_sharded_state(ckpt, pattern="inplace-{rank}-{part}.safetensors")
     assert os.stat(ckpt).st_ino == inode  # the same directory, not a swapped-in one
@@ -328,17 +328,17 @@ def test_root_is_refused_as_a_target(source):
 def test_file_created_while_the_save_finishes_is_kept(source, ckpt, monkeypatch):
     """A file that appears in the target after its other files were carried over, just
     before the swap, must not be deleted with the replaced contents."""
-    from vllm.model_executor.model_loader import sharded_state_dir
+    from vllm.model_executor.model_loader.sharded_state import directory
 
     _, llm, tokens = source
-    real_commit = sharded_state_dir.commit
+    real_commit = directory.commit
 
     def commit_after_a_write(tmp: str, target: str):
         with open(os.path.join(target, "late-notes.txt"), "w") as f:
             f.write("written during the save")
         return real_commit(tmp, target)
 
-    monkeypatch.setattr(sharded_state_dir, "commit", commit_after_a_write)
+    monkeypatch.setattr(directory, "commit", commit_after_a_write)
     llm.save_sharded_state(ckpt)
     with open(os.path.join(ckpt, "late-notes.txt")) as f:
         assert f.read() == "written during the save"

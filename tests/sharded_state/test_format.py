@@ -15,12 +15,16 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
 from vllm.model_executor.model_loader.safetensors.reader import read_tensors
 from vllm.model_executor.model_loader.safetensors.writer import write_file
-from vllm.model_executor.model_loader.sharded_state_format import (
+from vllm.model_executor.model_loader.sharded_state.loader import ShardedStateLoader
+from vllm.model_executor.model_loader.sharded_state.manifest import (
+    DEFAULT_PATTERN,
+    Manifest,
+    ManifestFile,
+    ManifestTensor,
     find_rank_files,
     validate_pattern,
 )
-from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
-from vllm.model_executor.model_loader.sharded_state_saver import _split_parts
+from vllm.model_executor.model_loader.sharded_state.saver import _split_parts
 
 filter_subtensors = ShardedStateLoader._filter_subtensors
 
@@ -245,14 +249,26 @@ def test_each_rank_lists_only_its_own_files(model_dirs, tmp_path):
 
 
 def test_manifest_is_json_with_a_line_per_tensor():
-    """The manifest reads back as the same JSON, and each file and tensor is one line
-    (``grep down_proj sharded_state.json`` shows one tensor per hit)."""
-    from vllm.model_executor.model_loader.sharded_state_saver import _manifest_json
-
-    tensors = {f"layers.{i}.w": {"dtype": "bfloat16", "local_shape": [2, i], "shard_dim": None}
-               for i in range(5)}  # fmt: skip
-    manifest = {"format_version": 1, "pattern": None, "files": {}, "tensors": tensors}
-    text = _manifest_json(manifest)
-    assert json.loads(text) == manifest
+    """The manifest reads back as the same JSON and the same ``Manifest``, and each file
+    and tensor is one line (``grep down_proj sharded_state.json`` shows one tensor per
+    hit)."""
+    tensors = {
+        f"layers.{i}.w": ManifestTensor("bfloat16", [2, i], [2, i * 2], 1 if i else None)
+        for i in range(5)
+    }
+    tensors["layers.0.w"].local_shapes = [[2, 0], [2, 1]]
+    files = {"model-rank-0-part-0.safetensors": ManifestFile(0, 0, 4096, 0xDEADBEEF, ["a"])}
+    manifest = Manifest("LlamaForCausalLM", 2, 1, "bfloat16", None, DEFAULT_PATTERN, files, tensors)
+    text = manifest.to_json()
+    data = json.loads(text)
+    assert list(data) == [
+        "format", "format_version", "architecture", "tensor_parallel_size",
+        "pipeline_parallel_size", "dtype", "quantization", "pattern", "checksum", "files",
+        "tensors",
+    ]  # fmt: skip
+    assert data["files"]["model-rank-0-part-0.safetensors"]["crc32"] == "deadbeef"
+    assert data["tensors"]["layers.0.w"]["local_shapes"] == [[2, 0], [2, 1]]
+    assert "local_shapes" not in data["tensors"]["layers.1.w"]
+    assert Manifest.from_json(text) == manifest
     lines = [line for line in text.splitlines() if '"layers.' in line]
     assert len(lines) == 5 and all(json.loads("{" + ln.rstrip(",") + "}") for ln in lines)

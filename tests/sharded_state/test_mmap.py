@@ -20,8 +20,8 @@ from tests.sharded_state import common, worker_fns
 from tests.sharded_state.common import ARCHS, greedy, shutdown
 from tests.utils import random_prompts
 from vllm.entrypoints.save_sharded_state import copy_metadata_files
-from vllm.model_executor.model_loader import sharded_state_loader
 from vllm.model_executor.model_loader.safetensors.format import PAGE_SIZE, read_header_json
+from vllm.model_executor.model_loader.sharded_state import loader as sharded_state_loader
 
 make_llm = functools.partial(common.make_llm, device="cpu")  # mapping is for CPU weights
 

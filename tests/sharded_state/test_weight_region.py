@@ -15,8 +15,8 @@ from vllm.model_executor.model_loader.safetensors.format import (
     read_header_bytes,
 )
 from vllm.model_executor.model_loader.safetensors.writer import write_file
+from vllm.model_executor.model_loader.sharded_state.weight_region import WeightRegion
 from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors
-from vllm.model_executor.model_loader.weight_region import WeightRegion
 
 
 class Tiny(nn.Module):

@@ -107,9 +107,9 @@ def save_metadata_files(llm: Any, model_path: str, output: str) -> None:
 def main(args: argparse.Namespace) -> None:
     """Upstream's example, step by step."""
     from vllm import LLM, EngineArgs
-    from vllm.model_executor.model_loader.sharded_state_dir import check_target
-    from vllm.model_executor.model_loader.sharded_state_format import validate_pattern
-    from vllm.model_executor.model_loader.sharded_state_saver import parse_max_size
+    from vllm.model_executor.model_loader.sharded_state.directory import check_target
+    from vllm.model_executor.model_loader.sharded_state.manifest import validate_pattern
+    from vllm.model_executor.model_loader.sharded_state.saver import parse_max_size
 
     engine_args = EngineArgs.from_cli_args(args)
     if engine_args.enable_lora:

@@ -140,7 +140,7 @@ class Worker:
         self, path: str, pattern: str | None = None, max_size: int | None = None
     ) -> None:
         """Write this rank's slice of the model under ``path`` (every rank must call it)."""
-        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+        from vllm.model_executor.model_loader.sharded_state.loader import ShardedStateLoader
 
         ShardedStateLoader.save_model(
             self.model, path, pattern=pattern, max_size=max_size, vllm_config=self.vllm_config

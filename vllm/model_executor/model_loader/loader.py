@@ -13,11 +13,11 @@ from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import onednn_packing_enabled
 from vllm.model_executor.model_loader.safetensors.reader import ReadStats
+from vllm.model_executor.model_loader.sharded_state.weight_region import build_region
 from vllm.model_executor.model_loader.state_dict_utils import (
     filter_subtensors,
     record_initial_state,
 )
-from vllm.model_executor.model_loader.weight_region import build_region
 from vllm.model_executor.model_loader.weight_utils import (
     find_weight_files,
     pt_weights_iterator,
@@ -146,7 +146,7 @@ def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
     if load_config.load_format == "dummy":
         return DummyModelLoader(load_config)
     if load_config.load_format == "sharded_state":
-        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+        from vllm.model_executor.model_loader.sharded_state.loader import ShardedStateLoader
 
         return ShardedStateLoader(load_config)
     if load_config.load_format == "gguf":
@@ -176,7 +176,7 @@ def get_model(vllm_config: VllmConfig, loader: BaseModelLoader | None = None) ->
 def __getattr__(name: str):
     # Older upstream code imports ShardedStateLoader from this module.
     if name == "ShardedStateLoader":
-        from vllm.model_executor.model_loader.sharded_state_loader import ShardedStateLoader
+        from vllm.model_executor.model_loader.sharded_state.loader import ShardedStateLoader
 
         return ShardedStateLoader
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ tensors were given other memory after it was built takes the per-tensor paths.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import weakref
 
@@ -44,9 +45,13 @@ def _count_registration(*_args) -> None:
     _registrations[0] += 1
 
 
-register_module_parameter_registration_hook(_count_registration)
-register_module_buffer_registration_hook(_count_registration)
-register_module_module_registration_hook(_count_registration)
+@functools.cache
+def _watch_registrations() -> None:
+    """Install torch's global registration hooks that count into ``_registrations``, once,
+    when the first region is built: a process that never builds one runs without them."""
+    register_module_parameter_registration_hook(_count_registration)
+    register_module_buffer_registration_hook(_count_registration)
+    register_module_module_registration_hook(_count_registration)
 
 
 class WeightRegion:
@@ -72,6 +77,7 @@ class WeightRegion:
             if not isinstance(t, nn.Parameter):
                 view.copy_(t)
             t.data = view
+        _watch_registrations()
         self._seen = _registrations[0]
 
     def intact(self) -> bool:

@@ -3,7 +3,7 @@
 A checkpoint directory holds, per rank, files named by ``pattern`` (default
 ``model-rank-{rank}-part-{part}.safetensors``) with that rank's state dict as the model
 holds it after loading, tensors that alias another tensor's memory written once; and a
-manifest ``sharded_state.json`` (see ``sharded_state_format``). Directories saved by
+manifest ``sharded_state.json`` (``manifest.Manifest``). Directories saved by
 upstream vLLM (no manifest) load too. See docs/sharded_state.md.
 """
 
@@ -19,7 +19,6 @@ from vllm.config import LoadConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import onednn_packing_enabled
-from vllm.model_executor.model_loader import sharded_state_dir
 from vllm.model_executor.model_loader.loader import (
     BaseModelLoader,
     initialize_model,
@@ -34,10 +33,10 @@ from vllm.model_executor.model_loader.safetensors.format import (
 )
 from vllm.model_executor.model_loader.safetensors.mapping import map_file
 from vllm.model_executor.model_loader.safetensors.reader import read_tensors
-from vllm.model_executor.model_loader.sharded_state_format import (
+from vllm.model_executor.model_loader.sharded_state import directory
+from vllm.model_executor.model_loader.sharded_state.manifest import (
     DEFAULT_PATTERN,
     MANIFEST_NAME,
-    check_manifest,
     describe_pattern,
     find_rank_files,
     list_some,
@@ -45,9 +44,12 @@ from vllm.model_executor.model_loader.sharded_state_format import (
     read_manifest,
     validate_pattern,
 )
-from vllm.model_executor.model_loader.sharded_state_saver import save_sharded_state
+from vllm.model_executor.model_loader.sharded_state.saver import save_sharded_state
+from vllm.model_executor.model_loader.sharded_state.weight_region import (
+    WeightRegion,
+    get_region,
+)
 from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors, storage_id
-from vllm.model_executor.model_loader.weight_region import WeightRegion, get_region
 from vllm.utils import gc_paused
 
 __all__ = ["DEFAULT_PATTERN", "MANIFEST_NAME", "ShardedStateLoader"]
@@ -164,7 +166,7 @@ class ShardedStateLoader(BaseModelLoader):
         """(path, CRC-32 from the manifest or None) of this rank's files, sizes checked."""
         if not os.path.isdir(model_dir):
             raise ShardFileError(f"{model_dir} is not a directory.")
-        if sharded_state_dir.is_incomplete(model_dir):
+        if directory.is_incomplete(model_dir):
             raise ShardFileError(
                 f"{model_dir} holds an unfinished save_sharded_state (the saving process was "
                 "interrupted): run the save again."
@@ -193,26 +195,22 @@ class ShardedStateLoader(BaseModelLoader):
                     f"{describe_pattern(pattern, rank)} (pattern {pattern!r}). {hint}"
                 )
             return [(path, None) for path in paths]
-        check_manifest(manifest, vllm_config, model_dir)
-        pattern = manifest.get("pattern")
+        manifest.check(vllm_config, model_dir)
+        pattern = manifest.pattern
         if self.pattern is not None and self.pattern != pattern:
             raise ValueError(
                 f"model_loader_extra_config pattern {self.pattern!r} differs from the pattern "
                 f"{pattern!r} that {model_dir} was saved with (see its {MANIFEST_NAME}); leave "
                 "the option out."
             )
-        entries = sorted(
-            (info["part"], name, info)
-            for name, info in manifest["files"].items()
-            if info.get("rank") == rank
-        )
+        entries = manifest.rank_files(rank)
         if not entries:
             raise ShardFileError(
                 f"No shard files for rank {rank} in {model_dir}: its {MANIFEST_NAME} lists "
                 f"none for this rank (pattern {pattern!r})."
             )
         files = []
-        for _, name, info in entries:
+        for name, info in entries:
             path = os.path.join(model_dir, name)
             if not os.path.isfile(path):
                 raise ShardFileError(
@@ -220,12 +218,12 @@ class ShardedStateLoader(BaseModelLoader):
                     "checkpoint again."
                 )
             size = os.path.getsize(path)
-            if size != info["size"]:
+            if size != info.size:
                 raise ShardFileError(
-                    f"{path} is {size} bytes but {MANIFEST_NAME} records {info['size']}: the "
+                    f"{path} is {size} bytes but {MANIFEST_NAME} records {info.size}: the "
                     "file is truncated or was replaced. Save the checkpoint again."
                 )
-            files.append((path, int(info["crc32"], 16)))
+            files.append((path, info.crc32))
         return files
 
     @staticmethod
@@ -239,7 +237,7 @@ class ShardedStateLoader(BaseModelLoader):
     ) -> None:
         """Save this rank's slice of ``model`` under ``path``; every rank must call it.
 
-        See ``sharded_state_saver.save_sharded_state``; ``vllm_config`` (the engine's)
+        See ``saver.save_sharded_state``; ``vllm_config`` (the engine's)
         fills the manifest, else it is derived from the model.
         """
         save_sharded_state(model, path, pattern, max_size, vllm_config)

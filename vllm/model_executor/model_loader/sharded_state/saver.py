@@ -2,13 +2,12 @@
 
 Ranks write into one temporary directory beside the target; each checks that its files
 hold exactly what a sharded-state load will ask for; rank 0 then writes the manifest and
-swaps the directory into place (``sharded_state_dir``). Ranks agree on every step through
+swaps the directory into place (``directory``). Ranks agree on every step through
 ``all_gather_object``, so a failure on one rank is raised on all of them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,7 +23,6 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
-from vllm.model_executor.model_loader import sharded_state_dir
 from vllm.model_executor.model_loader.loader import _default_dtype, initialize_model
 from vllm.model_executor.model_loader.safetensors.format import (
     DTYPES,
@@ -34,22 +32,28 @@ from vllm.model_executor.model_loader.safetensors.format import (
     read_header_json,
 )
 from vllm.model_executor.model_loader.safetensors.writer import write_file
-from vllm.model_executor.model_loader.sharded_state_format import (
+from vllm.model_executor.model_loader.sharded_state import directory
+from vllm.model_executor.model_loader.sharded_state.manifest import (
     DEFAULT_PATTERN,
-    FORMAT_VERSION,
     MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    ManifestTensor,
     engine_config_info,
     list_some,
     pattern_regex,
     read_manifest,
     validate_pattern,
 )
+from vllm.model_executor.model_loader.sharded_state.weight_region import (
+    WeightRegion,
+    get_region,
+)
 from vllm.model_executor.model_loader.state_dict_utils import (
     INITIAL_STATE_ATTR,
     filter_subtensors,
     state_schema,
 )
-from vllm.model_executor.model_loader.weight_region import WeightRegion, get_region
 from vllm.model_executor.utils import get_shard_dim
 from vllm.utils import gc_paused
 
@@ -83,7 +87,7 @@ def save_sharded_state(
     target = os.path.realpath(path)
     start = time.perf_counter()
     with gc_paused(), _save_group(world) as group:
-        tmp = _on_rank0(lambda: sharded_state_dir.make_temp_dir(target), rank, group)
+        tmp = _on_rank0(lambda: directory.make_temp_dir(target), rank, group)
         try:
             records = _on_every_rank(
                 lambda: _save_rank(model, tmp, pattern, max_size, rank, world, vllm_config),
@@ -101,11 +105,11 @@ def save_sharded_state(
             raise
         if old is not None:  # the replaced checkpoint: each rank deletes a share of it
             old_dir, shares = old
-            _on_every_rank(lambda: sharded_state_dir.delete_files(shares[rank]), rank, group)
+            _on_every_rank(lambda: directory.delete_files(shares[rank]), rank, group)
             if rank == 0:
                 shutil.rmtree(old_dir, ignore_errors=True)
     if rank == 0:
-        nbytes = sum(i["size"] for r in records for i in r["files"].values())
+        nbytes = sum(i.size for r in records for i in r["files"].values())
         logger.info(
             "Saved the sharded state of %d rank(s) to %s: %d files, %.1f MiB in %.2f s",
             world,
@@ -191,25 +195,7 @@ def _split_parts(
     return parts
 
 
-def _manifest_json(manifest: dict) -> str:
-    """The manifest as JSON with one line per file and per tensor: readable and
-    greppable, and ~4x faster to write than ``json.dump(indent=...)``, whose pure-Python
-    encoder cost 0.2 s for 11k tensors."""
-    lines = []
-    for key, value in manifest.items():
-        if key in ("files", "tensors"):
-            entries = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
-            lines.append(
-                f" {json.dumps(key)}: {{\n{entries}\n }}"
-                if entries
-                else f" {json.dumps(key)}: {{}}"
-            )
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict:
+def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict[str, ManifestTensor]:
     """Per tensor of ``state`` (the parameters and buffers themselves): dtype, local shape,
     and (from the parameter's layer) shard dim and the global shape, i.e. every rank's
     slice concatenated along the shard dim."""
@@ -220,12 +206,7 @@ def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict:
         global_shape = list(local)
         if dim is not None:
             global_shape[dim] *= world
-        schema[name] = {
-            "dtype": dtype_name(t.dtype),
-            "local_shape": local,
-            "global_shape": global_shape,
-            "shard_dim": dim,
-        }
+        schema[name] = ManifestTensor(dtype_name(t.dtype), local, global_shape, dim)
     return schema
 
 
@@ -267,7 +248,7 @@ def _save_rank(
             # One file, the region's memory in one piece, mappable over it when loading.
             name = pattern.format(rank=rank, part=0)
             size, crc = region.write(os.path.join(tmp, name))
-            files = {name: _file_info(rank, 0, size, crc, list(state))}
+            files = {name: ManifestFile(rank, 0, size, crc, list(state))}
             _check_region_file(region, os.path.join(tmp, name), size)
             return {"files": files, "tensors": _tensor_schema(state, world)}
     else:
@@ -278,13 +259,9 @@ def _save_rank(
     for part, items in enumerate(_split_parts(state, max_size)):
         name = pattern.format(rank=rank, part=part)
         size, crc = write_file(os.path.join(tmp, name), items)
-        files[name] = _file_info(rank, part, size, crc, [key for key, _ in items])
+        files[name] = ManifestFile(rank, part, size, crc, [key for key, _ in items])
     _check_loadable(_expected_state(model, vllm_config), tmp, files, rank)
     return {"files": files, "tensors": _tensor_schema(state, world)}
-
-
-def _file_info(rank: int, part: int, size: int, crc: int | None, tensors: list[str]) -> dict:
-    return {"rank": rank, "part": part, "size": size, "crc32": f"{crc:08x}", "tensors": tensors}
 
 
 def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
@@ -303,8 +280,8 @@ def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int
     for name, info in files.items():
         path = os.path.join(tmp, name)
         header, _, size = read_header_json(path)
-        if size != info["size"]:
-            raise ShardFileError(f"{path} is {size} bytes, {info['size']} written.")
+        if size != info.size:
+            raise ShardFileError(f"{path} is {size} bytes, {info.size} written.")
         header.pop("__metadata__", None)
         written.update((k, (tuple(v["shape"]), DTYPES[v["dtype"]])) for k, v in header.items())
     problems = []
@@ -343,30 +320,30 @@ def _finish_save(
     """Rank 0: write the manifest, then put the directory in place keeping the target's
     files that are not sharded state. Returns the directory holding the replaced files
     and their split into one share per rank, for the ranks to delete; or None."""
-    files: dict[str, Any] = {}
+    files: dict[str, ManifestFile] = {}
     for record in records:
         for name, info in record["files"].items():
             if name in files:
                 raise ValueError(f"The pattern {pattern!r} gives two ranks the file {name}.")
             files[name] = info
-    tensors = records[0]["tensors"]
+    tensors: dict[str, ManifestTensor] = records[0]["tensors"]
     for r, record in enumerate(records):
         if record["tensors"].keys() != tensors.keys():
             raise RuntimeError(f"Rank {r} holds different tensors than rank 0.")
     for name, entry in tensors.items():
-        shapes = [record["tensors"][name]["local_shape"] for record in records]
+        shapes = [record["tensors"][name].local_shape for record in records]
         if any(s != shapes[0] for s in shapes):
-            entry["local_shapes"] = shapes  # per rank, where ranks hold different sizes
+            entry.local_shapes = shapes  # per rank, where ranks hold different sizes
 
     old = None
     try:
         old = read_manifest(target) if os.path.isdir(target) else None
     except ShardFileError:
         pass
-    old_files = set((old or {}).get("files", {}))
+    old_files = set(old.files) if old is not None else set()
     regexes = [pattern_regex(pattern), pattern_regex(DEFAULT_PATTERN)]
-    if old and isinstance(old.get("pattern"), str):
-        regexes.append(pattern_regex(old["pattern"]))
+    if old is not None:
+        regexes.append(pattern_regex(old.pattern))
 
     def is_shard_state(name: str) -> bool:
         return name == MANIFEST_NAME or name in old_files or any(r.match(name) for r in regexes)
@@ -383,21 +360,18 @@ def _finish_save(
             "dtype": dtype_name(dtype or torch.get_default_dtype()),
             "quantization": None,
         }
-    manifest = {
-        "format": "vllm-sharded-state",
-        "format_version": FORMAT_VERSION,
+    manifest = Manifest(
         **info,
-        "pattern": pattern,
-        "checksum": "crc32",
-        "files": dict(sorted(files.items(), key=lambda kv: (kv[1]["rank"], kv[1]["part"]))),
-        "tensors": tensors,
-    }
+        pattern=pattern,
+        files=dict(sorted(files.items(), key=lambda kv: (kv[1].rank, kv[1].part))),
+        tensors=tensors,
+    )
     manifest_path = os.path.join(tmp, MANIFEST_NAME)
     with open(manifest_path, "w") as f:
-        f.write(_manifest_json(manifest))
+        f.write(manifest.to_json())
         f.flush()
         os.fsync(f.fileno())
-    old_dir = sharded_state_dir.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
+    old_dir = directory.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
     if old_dir is None:
         return None
-    return old_dir, sharded_state_dir.split_for_deletion(old_dir, world)
+    return old_dir, directory.split_for_deletion(old_dir, world)
