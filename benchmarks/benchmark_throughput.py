@@ -88,7 +88,7 @@ def linear_floors(model, n_prompt_tokens: int, workloads: dict[str, list[int]]) 
     ``lowp_linear`` or a widened float32 copy. transformers' time divided by this bounds
     the ratio any engine could reach here, before attention, norms and sampling.
     """
-    from vllm.model_executor.layers.linear import linear, onednn_packing_enabled
+    from vllm.model_executor.layers.cpu_linear import linear, onednn_packing_enabled
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = model.get_output_embeddings()

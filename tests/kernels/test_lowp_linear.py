@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm import _custom_ops as ops
-from vllm.model_executor.layers import linear as linear_mod
+from vllm.model_executor.layers import cpu_linear
+from vllm.model_executor.layers.linear import ReplicatedLinear
 
 pytestmark = pytest.mark.skipif(ops._C is None, reason="vllm._C was not built")
 
@@ -118,20 +119,20 @@ class _CountingC:
     "rows,takes_kernel,chunk",
     [
         (5, True, None),
-        (linear_mod.LOWP_WIDEN_MIN_ROWS, False, None),
-        (linear_mod.LOWP_WIDEN_MIN_ROWS, False, 7 * 96),  # widened 7 features at a time
+        (cpu_linear.LOWP_WIDEN_MIN_ROWS, False, None),
+        (cpu_linear.LOWP_WIDEN_MIN_ROWS, False, 7 * 96),  # widened 7 features at a time
     ],
 )
 def test_linear_layers_take_the_kernel_where_torch_emulates(monkeypatch, rows, takes_kernel, chunk):
     # On such a CPU, few rows go through the kernel and many through torch's float32 GEMM
     # on a widened weight (in blocks of output features for large weights); all give the
     # float32 result rounded once, with the bias.
-    monkeypatch.setattr(linear_mod, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
+    monkeypatch.setattr(cpu_linear, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
     if chunk is not None:
-        monkeypatch.setattr(linear_mod, "LOWP_WIDEN_CHUNK", chunk)
+        monkeypatch.setattr(cpu_linear, "LOWP_WIDEN_CHUNK", chunk)
     counting = _CountingC(ops._C)
     monkeypatch.setattr(ops, "_C", counting)
-    layer = linear_mod.ReplicatedLinear(96, 40, bias=True, params_dtype=torch.bfloat16)
+    layer = ReplicatedLinear(96, 40, bias=True, params_dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(40, 96, generator=g) / 10)
@@ -146,7 +147,7 @@ def test_linear_layers_take_the_kernel_where_torch_emulates(monkeypatch, rows, t
 def test_linear_leaves_weights_without_contiguous_rows_to_torch(monkeypatch):
     # The kernel reads whole weight rows; a transposed view goes to F.linear instead of
     # failing the kernel's check.
-    monkeypatch.setattr(linear_mod, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
+    monkeypatch.setattr(cpu_linear, "_lowp_dtype", lambda dt: dt == torch.bfloat16)
     w = torch.randn(64, 16).bfloat16().t()
     x = torch.randn(3, 64).bfloat16()
-    torch.testing.assert_close(linear_mod.linear(x, w), F.linear(x, w))
+    torch.testing.assert_close(cpu_linear.linear(x, w), F.linear(x, w))

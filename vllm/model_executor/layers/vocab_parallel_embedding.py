@@ -17,7 +17,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from vllm.model_executor.layers.linear import linear, pack_linear_weight
+from vllm.model_executor.layers.cpu_linear import linear, onednn_packing_enabled, pack_linear_weight
 from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
 from vllm.model_executor.utils import LoadedWeight, copy_weight, narrow_weight, set_weight_attrs
 
@@ -94,6 +94,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         padding_size: int = DEFAULT_VOCAB_PADDING_SIZE,
     ):
         super().__init__(num_embeddings, embedding_dim, params_dtype, padding_size)
+        # As LinearBase.repacks_weights; a tied head keeps the embedding's layout.
+        self.repacks_weights = onednn_packing_enabled(self.weight.dtype, torch.get_default_device())
         if bias:
             self.bias = nn.Parameter(
                 torch.empty(self.num_embeddings_per_partition, dtype=self.weight.dtype),
@@ -113,6 +115,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie_weights(self, embed_tokens: VocabParallelEmbedding) -> ParallelLMHead:
         self.weight = embed_tokens.weight
         self.tied = True
+        self.repacks_weights = False
         return self
 
     def process_weights_after_loading(self) -> None:
