@@ -266,7 +266,7 @@ def task_raw(spec: dict, vllm_config, dist) -> dict:
 
 
 def _model(vllm_config):
-    from vllm.model_executor.model_loader.loader import initialize_model
+    from vllm.model_executor.model_loader.base_loader import initialize_model
 
     model = initialize_model(vllm_config.model_config, vllm_config.device_config.torch_device)
     return model, sum(p.nbytes for p in model.parameters())
@@ -294,7 +294,7 @@ def task_loop(spec: dict, vllm_config, dist) -> dict:
 
 
 def task_loader(spec: dict, vllm_config, dist) -> dict:
-    from vllm.model_executor.model_loader.loader import get_model_loader
+    from vllm.model_executor.model_loader import get_model_loader
 
     base = proc_status("VmRSS")
     model, nbytes = _model(vllm_config)
@@ -309,7 +309,7 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
     for the loads."""
     import torch
 
-    from vllm.model_executor.model_loader.loader import get_model_loader
+    from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.safetensors.writer import write_file
     from vllm.model_executor.model_loader.sharded_state.saver import save_sharded_state
     from vllm.model_executor.model_loader.state_dict_utils import filter_subtensors

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from zlib_ng import zlib_ng
 
-from vllm.model_executor.model_loader import loader as loader_module
+from vllm.model_executor.model_loader import base_loader
 from vllm.model_executor.model_loader.safetensors import reader, staging
 from vllm.model_executor.model_loader.safetensors.format import ShardFileError, read_header
 from vllm.model_executor.model_loader.safetensors.reader import (
@@ -720,13 +720,13 @@ def test_default_loader_logs_bytes_read(tiny_llama, caplog, monkeypatch, staged)
     monkeypatch.setattr(staging, "STAGE_CPU_READS", staged)
 
     reported = []
-    original = loader_module.log_weights_loaded
+    original = base_loader.log_weights_loaded
 
     def spy(start, nbytes):
         reported.append(nbytes)
         return original(start, nbytes)
 
-    monkeypatch.setattr(loader_module, "log_weights_loaded", spy)
+    monkeypatch.setattr(base_loader, "log_weights_loaded", spy)
     monkeypatch.setattr(logging.getLogger("vllm"), "propagate", True)
     with caplog.at_level(logging.INFO, logger="vllm"):
         llm = LLM(model=tiny_llama, dtype="float32")

@@ -219,7 +219,10 @@ def test_save_refuses_state_that_would_not_load(model_dirs, tmp_path, dtype):
     llm.collective_rpc(worker_fns.reshape_param, args=(name,))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(RuntimeError, match=f"would not load.*{name} \\(saved \\[128, 64\\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=f"would not load: Shape mismatch for {name} in .*: the file holds \\[128, 64\\]",
+    ):
         llm.save_sharded_state(str(out))
     shutdown(llm)
     assert os.listdir(out) == [] and os.listdir(tmp_path) == ["out"]  # nothing left behind

@@ -18,12 +18,8 @@ from gguf import GGUFReader
 from torch import nn
 
 from vllm.config import LoadConfig, VllmConfig
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.gguf_tensor import GGUFTensor
-from vllm.model_executor.model_loader.loader import (
-    BaseModelLoader,
-    check_all_loaded,
-    initialize_model,
-)
 from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.transformers_utils.gguf_utils import is_gguf
 from vllm.utils import gc_paused
@@ -149,40 +145,33 @@ class GGUFModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
+        self._reader: GGUFReader | None = None  # opened by build_model, read by load_weights
         if load_config.model_loader_extra_config:
             keys = ", ".join(sorted(load_config.model_loader_extra_config))
             raise ValueError(
                 f"model_loader_extra_config keys {keys} are not used by load_format='gguf'."
             )
 
-    def load_model(self, vllm_config: VllmConfig) -> nn.Module:
+    def build_model(self, vllm_config: VllmConfig) -> nn.Module:
+        """Open the file first: its tensors decide part of the config (biases)."""
         path = vllm_config.model_config.model
         if not is_gguf(path):
             raise ValueError(
                 f"load_format='gguf' reads one .gguf file, but model={path!r} is not one; "
                 "pass the path of the .gguf file itself."
             )
-        start = time.perf_counter()
-        reader = GGUFReader(path)  # memory-mapped; views read pages on demand
-        _biases_from_tensors(vllm_config.model_config.hf_config, reader)
-        model = initialize_model(vllm_config.model_config, vllm_config.device_config.torch_device)
-        self.load_weights(model, vllm_config, reader, start)
-        return model
+        self._reader = GGUFReader(path)  # memory-mapped; views read pages on demand
+        _biases_from_tensors(vllm_config.model_config.hf_config, self._reader)
+        return super().build_model(vllm_config)
 
-    def load_weights(
-        self,
-        model: nn.Module,
-        vllm_config: VllmConfig,
-        reader: GGUFReader | None = None,
-        start: float | None = None,
-    ) -> None:
+    def load_weights(self, model: nn.Module, vllm_config: VllmConfig) -> set[str]:
         """Fill ``model``'s parameters (this rank's slices) from the GGUF file."""
-        start = time.perf_counter() if start is None else start
+        start = time.perf_counter()
         mc = vllm_config.model_config
-        reader = GGUFReader(mc.model) if reader is None else reader
+        reader, self._reader = self._reader or GGUFReader(mc.model), None
         stats = ReadStats()
         weights = gguf_weights_iterator(reader, mc.hf_config, mc.dtype, stats)
         with torch.no_grad(), gc_paused():
             loaded = model.load_weights(weights)
-        check_all_loaded(model, loaded)
         self.report_weights_loaded(start, stats.bytes_read)
+        return loaded

@@ -317,9 +317,3 @@ def engine_config_info(vllm_config: VllmConfig) -> dict[str, Any]:
         "dtype": dtype_name(mc.dtype),
         "quantization": mc.quantization,
     }
-
-
-def list_some(names: list[str], limit: int = 20) -> str:
-    """The first ``limit`` names, comma-separated, and how many there are in all."""
-    more = f" ... ({len(names)} in all)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more

@@ -23,7 +23,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
-from vllm.model_executor.model_loader.loader import _default_dtype, initialize_model
+from vllm.model_executor.model_loader.base_loader import initialize_model, set_default_torch_dtype
 from vllm.model_executor.model_loader.safetensors.format import (
     DTYPES,
     ShardFileError,
@@ -40,7 +40,6 @@ from vllm.model_executor.model_loader.sharded_state.manifest import (
     ManifestFile,
     ManifestTensor,
     engine_config_info,
-    list_some,
     pattern_regex,
     read_manifest,
     validate_pattern,
@@ -54,6 +53,7 @@ from vllm.model_executor.model_loader.state_dict_utils import (
     filter_subtensors,
     state_schema,
 )
+from vllm.model_executor.model_loader.strict import Spec, check_state
 from vllm.model_executor.utils import get_shard_dim
 from vllm.utils import gc_paused
 
@@ -223,7 +223,7 @@ def _expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[st
             fresh = initialize_model(vllm_config.model_config, meta)
         else:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-            with _default_dtype(dtype or torch.get_default_dtype()), meta:
+            with set_default_torch_dtype(dtype or torch.get_default_dtype()), meta:
                 fresh = type(model)(model.config)
     except Exception as e:  # a model that cannot be built on meta: compare with itself
         logger.warning("Could not rebuild %s on the meta device (%s).", type(model).__name__, e)
@@ -276,36 +276,27 @@ def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
 
 def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int) -> None:
     """Fail unless the written files hold exactly the tensors loading will ask for."""
-    written: dict[str, tuple] = {}
+    written: dict[str, Spec] = {}
+    where: dict[str, str] = {}
     for name, info in files.items():
         path = os.path.join(tmp, name)
         header, _, size = read_header_json(path)
         if size != info.size:
             raise ShardFileError(f"{path} is {size} bytes, {info.size} written.")
         header.pop("__metadata__", None)
-        written.update((k, (tuple(v["shape"]), DTYPES[v["dtype"]])) for k, v in header.items())
-    problems = []
-    missing = [k for k in expected if k not in written]
-    unexpected = [k for k in written if k not in expected]
-    differ = [
-        f"{k} (saved {list(written[k][0])} {dtype_name(written[k][1])}, loading expects "
-        f"{list(expected[k][0])} {dtype_name(expected[k][1])})"
-        for k in expected
-        if k in written and written[k] != expected[k]
-    ]
-    if missing:
-        problems.append(f"missing {list_some(missing)}")
-    if unexpected:
-        problems.append(f"not expected by the loader {list_some(unexpected)}")
-    if differ:
-        problems.append(f"shape or dtype differs {list_some(differ)}")
-    if problems:
-        raise RuntimeError(
-            f"save_sharded_state stopped before writing a checkpoint that would not load: "
-            f"rank {rank}'s state differs from what loading asks for ({'; '.join(problems)}). "
-            "Something changed the model's state dict after loading (e.g. weights repacked "
-            "for a backend). The target directory was left unchanged."
-        )
+        for key, entry in header.items():
+            written[key] = (tuple(entry["shape"]), DTYPES[entry["dtype"]])
+            where[key] = name
+    check_state(
+        f"rank {rank}'s files",
+        expected,
+        written,
+        files=where,
+        prefix="save_sharded_state stopped before writing a checkpoint that would not load: ",
+        hint="Something changed the model's state dict after loading (e.g. weights repacked "
+        "for a backend). The target directory was left unchanged.",
+        error=RuntimeError,
+    )
 
 
 def _finish_save(
