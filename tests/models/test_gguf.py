@@ -13,9 +13,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter,
 from tests.models.gguf_files import CHAT_TEMPLATE, dequantized_reference, write_gguf
 from tests.utils import hf_greedy, random_prompts
 from vllm import LLM, EngineArgs, SamplingParams
-from vllm.model_executor.model_loader import gguf_tensor
-from vllm.model_executor.model_loader.gguf_loader import gguf_weights_iterator
-from vllm.model_executor.model_loader.gguf_tensor import GGUFTensor
+from vllm.model_executor.model_loader.gguf import tensor as gguf_tensor
+from vllm.model_executor.model_loader.gguf.loader import gguf_weights_iterator
+from vllm.model_executor.model_loader.gguf.tensor import GGUFTensor
 from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.testing import make_model
 

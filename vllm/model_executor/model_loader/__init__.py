@@ -18,7 +18,7 @@ def get_model_loader(load_config: LoadConfig) -> BaseModelLoader:
         return ShardedStateLoader(load_config)
     if load_config.load_format == "gguf":
         # Imported here: the gguf package takes long to import, and most runs need none.
-        from vllm.model_executor.model_loader.gguf_loader import GGUFModelLoader
+        from vllm.model_executor.model_loader.gguf.loader import GGUFModelLoader
 
         return GGUFModelLoader(load_config)
     return DefaultModelLoader(load_config)

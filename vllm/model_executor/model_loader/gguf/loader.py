@@ -19,7 +19,7 @@ from torch import nn
 
 from vllm.config import LoadConfig, VllmConfig
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
-from vllm.model_executor.model_loader.gguf_tensor import GGUFTensor
+from vllm.model_executor.model_loader.gguf.tensor import GGUFTensor
 from vllm.model_executor.model_loader.safetensors.reader import ReadStats
 from vllm.transformers_utils.gguf_utils import is_gguf
 from vllm.utils import gc_paused
