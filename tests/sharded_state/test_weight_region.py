@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 
 import torch
@@ -81,6 +83,25 @@ def test_region_is_not_intact_once_the_state_changes():
     model.register_buffer("unsaved", torch.ones(2), persistent=False)
     model.register_buffer("nothing", torch.empty(0))
     assert region.intact()  # neither is saved or loaded
+
+
+def test_module_hooks_come_with_the_first_region_not_an_import():
+    """Importing the loaders changes nothing in torch: the global registration hooks a
+    region relies on are installed when the first region is built, once."""
+    code = """
+import torch.nn.modules.module as m
+import vllm.model_executor.model_loader
+from vllm.model_executor.model_loader.sharded_state.weight_region import WeightRegion
+hooks = [m._global_parameter_registration_hooks, m._global_buffer_registration_hooks,
+         m._global_module_registration_hooks]
+assert not any(hooks), hooks
+import torch
+for _ in range(2):
+    model = torch.nn.Linear(2, 2)
+    WeightRegion(model, dict(model.state_dict(keep_vars=True)))
+assert [len(h) for h in hooks] == [1, 1, 1], hooks
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_region_file_is_byte_identical_to_separate_tensors(tmp_path):

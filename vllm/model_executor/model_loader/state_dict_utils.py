@@ -1,6 +1,6 @@
 """Which tensors of a state dict hold distinct memory, and what a freshly built model holds.
 
-Shared by the model construction in ``loader.py`` and the sharded-state loader, which
+Shared by the model construction in ``base_loader.py`` and the sharded-state loader, which
 must agree on both.
 """
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,14 @@ from vllm.model_executor.utils import get_shard_dim
 from vllm.utils import gc_paused
 
 logger = init_logger(__name__)
+
+
+class RankFiles(NamedTuple):
+    """What one rank wrote, gathered by rank 0 for the manifest."""
+
+    files: dict[str, ManifestFile]
+    tensors: dict[str, ManifestTensor]
+
 
 # Ranks wait for each other between the steps of a save: for the slowest rank's writes,
 # and for rank 0's swap. Those can take far longer than a collective of the forward pass
@@ -109,12 +117,12 @@ def save_sharded_state(
             if rank == 0:
                 shutil.rmtree(old_dir, ignore_errors=True)
     if rank == 0:
-        nbytes = sum(i.size for r in records for i in r["files"].values())
+        nbytes = sum(i.size for r in records for i in r.files.values())
         logger.info(
             "Saved the sharded state of %d rank(s) to %s: %d files, %.1f MiB in %.2f s",
             world,
             target,
-            sum(len(r["files"]) for r in records),
+            sum(len(r.files) for r in records),
             nbytes / (1 << 20),
             time.perf_counter() - start,
         )
@@ -239,7 +247,7 @@ def _save_rank(
     rank: int,
     world: int,
     vllm_config: VllmConfig | None,
-) -> dict[str, Any]:
+) -> RankFiles:
     """Write this rank's files into ``tmp`` and check they hold what loading asks for."""
     region = get_region(model)
     if region is not None and region.intact():
@@ -250,7 +258,7 @@ def _save_rank(
             size, crc = region.write(os.path.join(tmp, name))
             files = {name: ManifestFile(rank, 0, size, crc, list(state))}
             _check_region_file(region, os.path.join(tmp, name), size)
-            return {"files": files, "tensors": _tensor_schema(state, world)}
+            return RankFiles(files, _tensor_schema(state, world))
     else:
         # Weights packed for the CPU (mkldnn) stay packed here: write_file turns each back
         # into a plain tensor just before writing it, so no dense copy is held.
@@ -261,7 +269,7 @@ def _save_rank(
         size, crc = write_file(os.path.join(tmp, name), items)
         files[name] = ManifestFile(rank, part, size, crc, [key for key, _ in items])
     _check_loadable(_expected_state(model, vllm_config), tmp, files, rank)
-    return {"files": files, "tensors": _tensor_schema(state, world)}
+    return RankFiles(files, _tensor_schema(state, world))
 
 
 def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
@@ -304,7 +312,7 @@ def _finish_save(
     target: str,
     tmp: str,
     pattern: str,
-    records: list[dict[str, Any]],
+    records: list[RankFiles],
     world: int,
     vllm_config: VllmConfig | None,
 ) -> tuple[str, list[list[str]]] | None:
@@ -313,16 +321,16 @@ def _finish_save(
     and their split into one share per rank, for the ranks to delete; or None."""
     files: dict[str, ManifestFile] = {}
     for record in records:
-        for name, info in record["files"].items():
+        for name, info in record.files.items():
             if name in files:
                 raise ValueError(f"The pattern {pattern!r} gives two ranks the file {name}.")
             files[name] = info
-    tensors: dict[str, ManifestTensor] = records[0]["tensors"]
+    tensors: dict[str, ManifestTensor] = records[0].tensors
     for r, record in enumerate(records):
-        if record["tensors"].keys() != tensors.keys():
+        if record.tensors.keys() != tensors.keys():
             raise RuntimeError(f"Rank {r} holds different tensors than rank 0.")
     for name, entry in tensors.items():
-        shapes = [record["tensors"][name].local_shape for record in records]
+        shapes = [record.tensors[name].local_shape for record in records]
         if any(s != shapes[0] for s in shapes):
             entry.local_shapes = shapes  # per rank, where ranks hold different sizes
 
