@@ -110,8 +110,8 @@ def test_no_shard_files_for_rank(ckpt):
         (
             {"tensor_parallel_size": 2},
             {},
-            "tensor_parallel_size=2, but the engine runs "
-            "tensor_parallel_size=1. Resharding is not supported yet",
+            "No shard files for rank 1 in .* lists none for this rank .*saved at "
+            "tensor_parallel_size=2",
         ),
         ({}, {"dtype": "bfloat16"}, "dtype=float32, but the engine uses dtype=bfloat16"),
         ({"quantization": "fp8"}, {}, "quantization='fp8', but the engine uses quantization=None"),

@@ -244,7 +244,9 @@ def test_each_rank_lists_only_its_own_files(model_dirs, tmp_path):
         model=str(out), dtype="float32", tensor_parallel_size=2, load_format="sharded_state"
     ).create_engine_config()
     loader = ShardedStateLoader(config.load_config)
-    got = [os.path.basename(p) for p, _ in loader._rank_files(config, str(out), 1)]
+    manifest, pattern, saved_tp = loader._saved_layout(config, str(out))
+    assert saved_tp == 2
+    got = [os.path.basename(p) for p, _ in loader._rank_files(str(out), manifest, pattern, 1)]
     assert got == ["model-rank-1-part-0.safetensors", "model-rank-1-part-1.safetensors"]
 
 

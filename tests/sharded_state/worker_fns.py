@@ -31,3 +31,14 @@ def reshape_param(worker, name: str, rank: int | None = None) -> None:
     module = worker.model.get_submodule(module_name)
     old = getattr(module, attr)
     setattr(module, attr, torch.nn.Parameter(old.data.t().contiguous(), requires_grad=False))
+
+
+def state_nbytes(worker) -> int:
+    """Bytes of this rank's distinct state tensors (what a load of its slices must read)."""
+    seen, total = set(), 0
+    for t in dense_state_dict(worker.model).values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

@@ -18,7 +18,6 @@ from torch import nn
 
 from vllm.config import LoadConfig, ModelConfig, VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.layers.linear import onednn_packing_enabled
 from vllm.model_executor.model_loader.sharded_state.weight_region import build_region
 from vllm.model_executor.model_loader.state_dict_utils import (
     filter_subtensors,
@@ -43,6 +42,13 @@ def set_default_torch_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def repacks_weights(model: nn.Module) -> bool:
+    """Whether a layer of ``model`` gives its weight new memory after loading (the
+    layers say so, e.g. for oneDNN's packed layout): the weights are then read into
+    the parameters, not laid out as a file or mapped."""
+    return any(getattr(m, "repacks_weights", False) for m in model.modules())
+
+
 def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """Construct the model with uninitialised parameters directly in the target dtype/device.
 
@@ -60,7 +66,7 @@ def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Modu
         # Out of the device context, whose mode intercepts every torch call.
         state = filter_subtensors(model.state_dict(keep_vars=True))
         record_initial_state(model, state)  # what save_sharded_state must write for it to load
-        if device.type == "cpu" and not onednn_packing_enabled(model_config.dtype, device):
+        if device.type == "cpu" and not repacks_weights(model):
             # Repacked weights would keep their loaded pages in the block alive.
             build_region(model, state)
     return model

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from vllm.config import LoadConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
-from vllm.model_executor.layers.linear import onednn_packing_enabled
-from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader, repacks_weights
 from vllm.model_executor.model_loader.safetensors.format import (
     FileHeader,
     ShardFileError,
@@ -28,17 +27,19 @@ from vllm.model_executor.model_loader.safetensors.format import (
     read_header_bytes,
 )
 from vllm.model_executor.model_loader.safetensors.mapping import map_file
-from vllm.model_executor.model_loader.safetensors.reader import read_tensors
+from vllm.model_executor.model_loader.safetensors.reader import ReadStats, read_tensors
 from vllm.model_executor.model_loader.sharded_state import directory
 from vllm.model_executor.model_loader.sharded_state.manifest import (
     DEFAULT_PATTERN,
     MANIFEST_NAME,
+    Manifest,
     describe_pattern,
     find_rank_files,
     ranks_present,
     read_manifest,
     validate_pattern,
 )
+from vllm.model_executor.model_loader.sharded_state.resharder import read_resharded
 from vllm.model_executor.model_loader.sharded_state.saver import save_sharded_state
 from vllm.model_executor.model_loader.sharded_state.weight_region import (
     WeightRegion,
@@ -120,11 +121,17 @@ class ShardedStateLoader(BaseModelLoader):
     def _load_weights(self, model: nn.Module, vllm_config: VllmConfig) -> None:
         start = time.perf_counter()
         rank = get_tensor_model_parallel_rank()
-        files = self._rank_files(vllm_config, vllm_config.model_config.model, rank)
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        model_dir = vllm_config.model_config.model
+        manifest, pattern, saved_tp = self._saved_layout(vllm_config, model_dir)
+        if saved_tp != tp_size:
+            self._load_resharded(model, model_dir, manifest, pattern, saved_tp, start)
+            return
+        files = self._rank_files(model_dir, manifest, pattern, rank)
         crcs = [crc for _, crc in files] if self.verify else None
         if crcs is not None and all(crc is None for crc in crcs):
             logger.warning("verify=true, but without %s there are no checksums.", MANIFEST_NAME)
-        use_mmap = self._use_mmap(vllm_config)
+        use_mmap = self._use_mmap(vllm_config, model)
         region = get_region(model)
         in_block = region is not None and region.intact()  # the model's state is its block
         if in_block and len(files) == 1:
@@ -144,19 +151,61 @@ class ShardedStateLoader(BaseModelLoader):
             nbytes += read_tensors(headers, targets, crcs)
         self.report_weights_loaded(start, nbytes)
 
-    def _use_mmap(self, vllm_config: VllmConfig) -> bool:
+    def _load_resharded(
+        self,
+        model: nn.Module,
+        model_dir: str,
+        manifest: Manifest | None,
+        pattern: str,
+        saved_tp: int,
+        start: float,
+    ) -> None:
+        """Fill ``model`` from a save at another TP size: each saved tensor's layout is
+        the model's own ``shard_spec``, checked against the saved shapes; only the rows
+        and column ranges of this rank's slices are read (``resharder``)."""
+        rank = get_tensor_model_parallel_rank()
+        tp_size = get_tensor_model_parallel_world_size()
+        logger.info(
+            "Resharding %s from tensor_parallel_size=%d to %d (rank %d reads its slices).",
+            model_dir,
+            saved_tp,
+            tp_size,
+            rank,
+        )
+        if self.verify:
+            logger.warning(
+                "verify=true: checksums cover whole files, which a resharded load does not "
+                "read; only file sizes are checked."
+            )
+        sources = {
+            s: [path for path, _ in self._rank_files(model_dir, manifest, pattern, s)]
+            for s in range(saved_tp)
+        }
+        region = get_region(model)
+        if region is not None and region.intact():
+            targets = region.state()
+        else:
+            targets = self._filter_subtensors(model.state_dict(keep_vars=True))
+        stats = ReadStats()
+        with torch.no_grad():
+            read_resharded(targets, sources, saved_tp, rank, tp_size, stats)
+        self.report_weights_loaded(start, stats.bytes_read)
+
+    def _use_mmap(self, vllm_config: VllmConfig, model: nn.Module) -> bool:
         if vllm_config.device_config.torch_device.type != "cpu" or self.verify:
             return False
         if self.mmap is not None:
             return self.mmap
         # Weights repacked after loading would keep the mapped pages alive next to
         # their packed copies: read those instead.
-        return not onednn_packing_enabled(vllm_config.model_config.dtype, "cpu")
+        return not repacks_weights(model)
 
-    def _rank_files(
-        self, vllm_config: VllmConfig, model_dir: str, rank: int
-    ) -> list[tuple[str, int | None]]:
-        """(path, CRC-32 from the manifest or None) of this rank's files, sizes checked."""
+    def _saved_layout(
+        self, vllm_config: VllmConfig, model_dir: str
+    ) -> tuple[Manifest | None, str, int]:
+        """(manifest or None, file pattern, TP size saved at) of the checkpoint; without a
+        manifest the TP size is the number of ranks with files (0 .. M-1), else taken to
+        be the engine's, whose missing files ``_rank_files`` then names."""
         if not os.path.isdir(model_dir):
             raise ShardFileError(f"{model_dir} is not a directory.")
         if directory.is_incomplete(model_dir):
@@ -164,6 +213,7 @@ class ShardedStateLoader(BaseModelLoader):
                 f"{model_dir} holds an unfinished save_sharded_state (the saving process was "
                 "interrupted): run the save again."
             )
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
         manifest = read_manifest(model_dir)
         if manifest is None:
             logger.warning(
@@ -173,6 +223,25 @@ class ShardedStateLoader(BaseModelLoader):
                 MANIFEST_NAME,
             )
             pattern = self.pattern or DEFAULT_PATTERN
+            present = ranks_present(model_dir, pattern)
+            if present and present == [str(r) for r in range(len(present))]:
+                return None, pattern, len(present)
+            return None, pattern, tp_size
+        manifest.check(vllm_config, model_dir)
+        if self.pattern is not None and self.pattern != manifest.pattern:
+            raise ValueError(
+                f"model_loader_extra_config pattern {self.pattern!r} differs from the pattern "
+                f"{manifest.pattern!r} that {model_dir} was saved with (see its "
+                f"{MANIFEST_NAME}); leave the option out."
+            )
+        return manifest, manifest.pattern, manifest.tensor_parallel_size or tp_size
+
+    def _rank_files(
+        self, model_dir: str, manifest: Manifest | None, pattern: str, rank: int
+    ) -> list[tuple[str, int | None]]:
+        """(path, CRC-32 from the manifest or None) of saved ``rank``'s files, sizes
+        checked."""
+        if manifest is None:
             paths = find_rank_files(model_dir, pattern, rank)
             if not paths:
                 present = ranks_present(model_dir, pattern)
@@ -188,19 +257,12 @@ class ShardedStateLoader(BaseModelLoader):
                     f"{describe_pattern(pattern, rank)} (pattern {pattern!r}). {hint}"
                 )
             return [(path, None) for path in paths]
-        manifest.check(vllm_config, model_dir)
-        pattern = manifest.pattern
-        if self.pattern is not None and self.pattern != pattern:
-            raise ValueError(
-                f"model_loader_extra_config pattern {self.pattern!r} differs from the pattern "
-                f"{pattern!r} that {model_dir} was saved with (see its {MANIFEST_NAME}); leave "
-                "the option out."
-            )
         entries = manifest.rank_files(rank)
         if not entries:
             raise ShardFileError(
                 f"No shard files for rank {rank} in {model_dir}: its {MANIFEST_NAME} lists "
-                f"none for this rank (pattern {pattern!r})."
+                f"none for this rank (pattern {pattern!r}; saved at tensor_parallel_size="
+                f"{manifest.tensor_parallel_size})."
             )
         files = []
         for name, info in entries:

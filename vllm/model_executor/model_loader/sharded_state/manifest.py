@@ -243,14 +243,7 @@ class Manifest:
                 f"{model_dir} was saved from architecture {saved['architecture']}, but its config "
                 f"names {engine['architecture']}. Save the checkpoint again from the right model."
             )
-        if saved["tensor_parallel_size"] != engine["tensor_parallel_size"]:
-            raise ValueError(
-                f"{model_dir} was saved with tensor_parallel_size={saved['tensor_parallel_size']}, "
-                f"but the engine runs tensor_parallel_size={engine['tensor_parallel_size']}. "
-                f"{no_reshard}: load it with tensor_parallel_size="
-                f"{saved['tensor_parallel_size']}, or save it again from the original model at "
-                f"tensor_parallel_size={engine['tensor_parallel_size']}."
-            )
+        # Another tensor_parallel_size is resharded on load (``resharder``).
         if saved["pipeline_parallel_size"] not in (None, engine["pipeline_parallel_size"]):
             raise ValueError(
                 f"{model_dir} was saved with pipeline_parallel_size="

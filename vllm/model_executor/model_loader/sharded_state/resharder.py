@@ -1,0 +1,178 @@
+"""Resharding: a rank's slices at TP size N, read from a checkpoint saved at TP size M.
+
+A checkpoint saved at M holds, per rank, each tensor's local slice; the tensor's
+``ShardSpec`` says which global rows (along its split dimension) that slice holds, at
+any TP size. Intersecting what a rank needs at N with what each saved rank holds gives
+per tensor a list of copies (saved rank, rows there, rows here): a row range of a
+row-split tensor, or the same column range of every row of a column-split one. Rows
+that several saved ranks hold (KV heads replicated at M) are read once; a replicated
+tensor is read whole from one saved rank. No rank reads a whole foreign file.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from vllm.model_executor.layers.shard_spec import ShardSpec, get_shard_spec
+from vllm.model_executor.model_loader.safetensors.format import ShardFileError
+from vllm.model_executor.model_loader.safetensors.reader import (
+    ReadStats,
+    close_all,
+    default_num_threads,
+)
+from vllm.model_executor.model_loader.safetensors.slices import SafetensorsFile, TensorSlice
+
+
+@dataclass(frozen=True)
+class Copy:
+    """``length`` rows along the split dimension, from ``src_start`` in saved rank
+    ``src_rank``'s slice to ``dst_start`` in this rank's; ``length`` -1: the whole
+    tensor (a replicated one)."""
+
+    src_rank: int
+    src_start: int
+    dst_start: int
+    length: int
+
+
+def plan_copies(spec: ShardSpec, src_tp: int, dst_rank: int, dst_tp: int) -> list[Copy]:
+    """The copies that fill rank ``dst_rank`` of ``dst_tp``'s slice from a save at
+    ``src_tp``; rows that no copy covers are padding (vocabulary rows past the real ones).
+    A replicated tensor comes whole from one saved rank, spread by ``dst_rank``."""
+    if spec.dim is None:
+        return [Copy(dst_rank % src_tp, 0, 0, -1)]
+    # The saved rank holding the same part of the model first: rows replicated at src_tp
+    # then come from a file this rank reads anyway.
+    first = dst_rank * src_tp // dst_tp
+    order = [(first + i) % src_tp for i in range(src_tp)]
+    held = {s: spec.local_pieces(s, src_tp) for s in order}
+    copies: list[Copy] = []
+    for want in spec.local_pieces(dst_rank, dst_tp):
+        todo = [(want.global_start, want.global_start + want.length)]
+        for s in order:
+            for have in held[s]:
+                todo = _take(todo, have, s, want, copies)
+            if not todo:
+                break
+        if todo:
+            raise ValueError(
+                f"Global rows {todo} of a tensor split as {spec} are held by no saved rank "
+                f"at tensor_parallel_size={src_tp}."
+            )
+    return sorted(copies, key=lambda c: c.dst_start)
+
+
+def _take(todo, have, src_rank: int, want, copies: list[Copy]) -> list[tuple[int, int]]:
+    """Record copies of what ``have`` (a saved piece) holds of the ``todo`` global ranges
+    of ``want`` (a wanted piece); return the ranges still wanted."""
+    lo, hi = have.global_start, have.global_start + have.length
+    left = []
+    for a, b in todo:
+        x, y = max(a, lo), min(b, hi)
+        if x >= y:
+            left.append((a, b))
+            continue
+        src_start = have.local_start + (x - lo)
+        copies.append(Copy(src_rank, src_start, want.local_start + (x - want.global_start), y - x))
+        left += [r for r in ((a, x), (y, b)) if r[0] < r[1]]
+    return left
+
+
+def read_resharded(
+    targets: dict[str, torch.Tensor],
+    source_files: dict[int, list[str]],
+    src_tp: int,
+    rank: int,
+    tp_size: int,
+    stats: ReadStats,
+) -> None:
+    """Fill ``targets`` (this rank's state tensors at ``tp_size``, by name) from a save at
+    ``src_tp`` (``source_files``: saved rank -> its files), reading only what this rank's
+    slices are made of. A saved tensor of another shape than its spec gives at ``src_tp``
+    is refused: the layout is then not the one this model states."""
+    opened: dict[int, dict[str, TensorSlice]] = {}
+    files: list[SafetensorsFile] = []
+    after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (strided destination, buffer)
+    with ThreadPoolExecutor(default_num_threads(), thread_name_prefix="weight-reader") as pool:
+        try:
+            for name, dst in targets.items():
+                spec = get_shard_spec(dst)
+                for copy in plan_copies(spec, src_tp, rank, tp_size):
+                    if copy.src_rank not in opened:
+                        paths = source_files[copy.src_rank]
+                        opened[copy.src_rank] = _open(paths, stats, pool, files)
+                    src = opened[copy.src_rank].get(name)
+                    if src is None:
+                        raise ShardFileError(
+                            f"{name} is missing from the shard files of saved rank "
+                            f"{copy.src_rank} ({', '.join(source_files[copy.src_rank])})."
+                        )
+                    _check_saved_shape(src, dst, spec, src_tp, name)
+                    if copy.length < 0:
+                        _read(src, dst, after)
+                        continue
+                    part = src.narrow(spec.dim, copy.src_start, copy.length)
+                    _read(part, dst.narrow(spec.dim, copy.dst_start, copy.length), after)
+                if spec.dim is not None:
+                    _zero_padding(dst, spec, rank, tp_size)
+        except BaseException:
+            close_all(files)
+            raise
+        error = close_all(files)
+        if error is not None:
+            raise error
+    for dst, buffer in after:
+        dst.copy_(buffer)
+
+
+def _open(
+    paths: list[str], stats: ReadStats, pool: Executor, files: list[SafetensorsFile]
+) -> dict[str, TensorSlice]:
+    """A saved rank's tensors by name, as lazy slices (only headers are read here)."""
+    slices: dict[str, TensorSlice] = {}
+    for path in paths:
+        files.append(SafetensorsFile(path, stats, pool))
+        stats.bytes_read += files[-1].header.data_start
+        for key in files[-1].keys():
+            slices[key] = files[-1].get_slice(key)
+    return slices
+
+
+def _check_saved_shape(
+    src: TensorSlice, dst: torch.Tensor, spec: ShardSpec, src_tp: int, name: str
+) -> None:
+    want = list(dst.shape)
+    if spec.dim is not None:
+        want[spec.dim] = spec.local_size(src_tp)
+    if src.get_shape() != want or src.dtype != dst.dtype:
+        raise ShardFileError(
+            f"{name} in {src.file.path} is {src.dtype} {src.get_shape()}, but a slice saved at "
+            f"tensor_parallel_size={src_tp} of this model's layout is {dst.dtype} {want}: the "
+            "checkpoint cannot be resharded. Load it at the tensor_parallel_size it was saved "
+            "with, or save it again (or `vllm reshard` it) from the original model."
+        )
+
+
+def _read(src: TensorSlice, dst: torch.Tensor, after: list) -> None:
+    """Queue the read of ``src`` into ``dst``; a strided ``dst`` (a column range) gets a
+    buffer, copied in once every read is done."""
+    if src.reads_into(dst):
+        src.read_into(dst)
+        return
+    buffer = torch.empty(src.get_shape(), dtype=src.dtype, device=dst.device)
+    src.read_into(buffer)
+    after.append((dst, buffer))
+
+
+def _zero_padding(dst: torch.Tensor, spec: ShardSpec, rank: int, tp_size: int) -> None:
+    """Zero this rank's rows that hold no global row (vocabulary padding)."""
+    pos = 0
+    for piece in sorted(spec.local_pieces(rank, tp_size), key=lambda p: p.local_start):
+        if piece.local_start > pos:
+            dst.narrow(spec.dim, pos, piece.local_start - pos).zero_()
+        pos = piece.local_start + piece.length
+    if pos < dst.shape[spec.dim]:
+        dst.narrow(spec.dim, pos, dst.shape[spec.dim] - pos).zero_()
