@@ -4,6 +4,7 @@ generates what the model loaded the default way at N generates."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -97,3 +98,34 @@ def test_upstream_directory_without_manifest_reshards(model_dirs, tmp_path):
     llm = make_llm(out, 1, load_format="sharded_state")
     assert greedy(llm, prompts) == want
     shutdown(llm)
+
+
+def test_manifest_records_each_layout_and_refuses_another(model_dirs, tmp_path):
+    """The manifest states each tensor's split in TP-independent form (the global shape
+    without vocabulary padding); a layout other than the model's is refused by name."""
+    src = model_dirs("llama")
+    out = tmp_path / "sharded"
+    llm = make_llm(src, 2)
+    llm.save_sharded_state(str(out))
+    shutdown(llm)
+    copy_metadata_files(src, str(out))
+    path = out / "sharded_state.json"
+    manifest = json.loads(path.read_text())
+    qkv = manifest["tensors"]["model.layers.0.self_attn.qkv_proj.weight"]
+    assert qkv["global_shape"] == [128, 64] and qkv["shard_spec"] == {
+        "dim": 0,
+        "segments": [
+            {"size": 64, "unit": 16},
+            {"size": 32, "unit": 16, "replicate": True},
+            {"size": 32, "unit": 16, "replicate": True},
+        ],
+    }
+    head = manifest["tensors"]["lm_head.weight"]
+    assert head["global_shape"] == [ARCHS["llama"], 64]
+    assert head["shard_spec"] == {"dim": 0, "segments": [{"size": 1000, "pad_multiple": 64}]}
+    assert manifest["tensors"]["model.norm.weight"]["shard_spec"] == {"dim": None, "segments": []}
+
+    qkv["shard_spec"]["segments"] = [{"size": 128, "unit": 16}]  # as if q, k, v were one
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="qkv_proj.weight was saved split as .* cannot be"):
+        make_llm(str(out), 1, load_format="sharded_state")

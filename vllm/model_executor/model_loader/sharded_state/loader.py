@@ -18,6 +18,7 @@ from torch import nn
 from vllm.config import LoadConfig, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
+from vllm.model_executor.layers.shard_spec import get_shard_spec
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader, repacks_weights
 from vllm.model_executor.model_loader.safetensors.format import (
     FileHeader,
@@ -186,6 +187,8 @@ class ShardedStateLoader(BaseModelLoader):
             targets = region.state()
         else:
             targets = self._filter_subtensors(model.state_dict(keep_vars=True))
+        if manifest is not None:
+            _check_saved_specs(manifest, targets, model_dir)
         stats = ReadStats()
         with torch.no_grad():
             read_resharded(targets, sources, saved_tp, rank, tp_size, stats)
@@ -371,3 +374,20 @@ def _map_files(
             del targets[name]
             nbytes += mapped.nbytes
     return nbytes
+
+
+def _check_saved_specs(
+    manifest: Manifest, targets: dict[str, torch.Tensor], model_dir: str
+) -> None:
+    """Refuse to reshard a tensor whose recorded layout is not the model's own."""
+    for name, t in targets.items():
+        saved = manifest.tensors.get(name)
+        if saved is None or saved.shard_spec is None:
+            continue  # an older manifest: the saved shapes are checked while reading
+        spec = get_shard_spec(t)
+        if saved.shard_spec != spec.to_json():
+            raise ShardFileError(
+                f"{name} was saved split as {saved.shard_spec} (see {model_dir}/"
+                f"{MANIFEST_NAME}), but this model splits it as {spec.to_json()}: it cannot "
+                "be resharded. Load it at the tensor_parallel_size it was saved with."
+            )

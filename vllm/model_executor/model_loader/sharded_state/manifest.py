@@ -123,6 +123,9 @@ class ManifestTensor:
     global_shape: list[int]
     shard_dim: int | None  # None: every rank holds all of it
     local_shapes: list[list[int]] | None = None  # per rank, where ranks hold different sizes
+    # The parameter's ShardSpec (layers.shard_spec) as JSON: which global rows each rank
+    # holds at any TP size. None in manifests written before it was recorded.
+    shard_spec: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -133,6 +136,8 @@ class ManifestTensor:
         }
         if self.local_shapes is not None:
             out["local_shapes"] = self.local_shapes
+        if self.shard_spec is not None:
+            out["shard_spec"] = self.shard_spec
         return out
 
 
@@ -273,6 +278,7 @@ def _tensor_from_json(name: str, info: Any) -> ManifestTensor:
         info.get("global_shape"),
         info.get("shard_dim"),
         info.get("local_shapes"),
+        info.get("shard_spec"),
     )
     shapes = [entry.local_shape, entry.global_shape, *(entry.local_shapes or [])]
     if (
@@ -280,6 +286,7 @@ def _tensor_from_json(name: str, info: Any) -> ManifestTensor:
         or not all(isinstance(s, list) and all(isinstance(d, int) for d in s) for s in shapes)
         or not (entry.shard_dim is None or isinstance(entry.shard_dim, int))
         or not (entry.local_shapes is None or isinstance(entry.local_shapes, list))
+        or not (entry.shard_spec is None or isinstance(entry.shard_spec, dict))
     ):
         raise ValueError(f"bad tensor entry for {name}: {info!r:.120}")
     return entry

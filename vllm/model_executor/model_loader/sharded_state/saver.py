@@ -23,6 +23,7 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.logger import init_logger
+from vllm.model_executor.layers.shard_spec import get_shard_spec
 from vllm.model_executor.model_loader.base_loader import initialize_model, set_default_torch_dtype
 from vllm.model_executor.model_loader.safetensors.format import (
     DTYPES,
@@ -54,7 +55,6 @@ from vllm.model_executor.model_loader.state_dict_utils import (
     state_schema,
 )
 from vllm.model_executor.model_loader.strict import Spec, check_state
-from vllm.model_executor.utils import get_shard_dim
 from vllm.utils import gc_paused
 
 logger = init_logger(__name__)
@@ -205,16 +205,18 @@ def _split_parts(
 
 def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict[str, ManifestTensor]:
     """Per tensor of ``state`` (the parameters and buffers themselves): dtype, local shape,
-    and (from the parameter's layer) shard dim and the global shape, i.e. every rank's
-    slice concatenated along the shard dim."""
+    and from its ``shard_spec`` (stated by its layer) the shard dim, the global shape (the
+    tensor at TP=1, without vocabulary padding) and the spec itself."""
     schema = {}
     for name, t in state.items():
-        dim = get_shard_dim(t)
+        spec = get_shard_spec(t)
         local = list(t.shape)
         global_shape = list(local)
-        if dim is not None:
-            global_shape[dim] *= world
-        schema[name] = ManifestTensor(dtype_name(t.dtype), local, global_shape, dim)
+        if spec.dim is not None:
+            global_shape[spec.dim] = spec.global_size
+        schema[name] = ManifestTensor(
+            dtype_name(t.dtype), local, global_shape, spec.dim, shard_spec=spec.to_json()
+        )
     return schema
 
 
