@@ -8,7 +8,7 @@ import torch
 
 from vllm.model_executor.layers.shard_spec import get_shard_spec
 
-# A checkpoint tensor: a real tensor, or a lazy slice (``safetensors_io.TensorSlice``, or
+# A checkpoint tensor: a real tensor, or a lazy slice (``model_loader.safetensors.slices.TensorSlice``, or
 # safetensors' ``get_slice``) that reads from disk only the part a rank asks for.
 LoadedWeight = Any
 
