@@ -8,8 +8,9 @@ import torch
 
 from vllm.model_executor.layers.shard_spec import get_shard_spec
 
-# A checkpoint tensor: a real tensor, or a lazy slice (``model_loader.safetensors.slices.TensorSlice``, or
-# safetensors' ``get_slice``) that reads from disk only the part a rank asks for.
+# A checkpoint tensor: a real tensor, or a lazy slice that reads from disk only the part a
+# rank asks for (``model_loader.safetensors.slices.TensorSlice``, safetensors' ``get_slice``,
+# ``model_loader.gguf.tensor.GGUFTensor``).
 LoadedWeight = Any
 
 
