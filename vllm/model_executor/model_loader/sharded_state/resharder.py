@@ -93,52 +93,84 @@ def read_resharded(
     ``src_tp`` (``source_files``: saved rank -> its files), reading only what this rank's
     slices are made of. A saved tensor of another shape than its spec gives at ``src_tp``
     is refused: the layout is then not the one this model states."""
-    opened: dict[int, dict[str, TensorSlice]] = {}
-    files: list[SafetensorsFile] = []
     after: list[tuple[torch.Tensor, torch.Tensor]] = []  # (strided destination, buffer)
     with ThreadPoolExecutor(default_num_threads(), thread_name_prefix="weight-reader") as pool:
+        saved = SavedRanks(source_files, stats, pool)
         try:
             for name, dst in targets.items():
-                spec = get_shard_spec(dst)
-                for copy in plan_copies(spec, src_tp, rank, tp_size):
-                    if copy.src_rank not in opened:
-                        paths = source_files[copy.src_rank]
-                        opened[copy.src_rank] = _open(paths, stats, pool, files)
-                    src = opened[copy.src_rank].get(name)
-                    if src is None:
-                        raise ShardFileError(
-                            f"{name} is missing from the shard files of saved rank "
-                            f"{copy.src_rank} ({', '.join(source_files[copy.src_rank])})."
-                        )
-                    _check_saved_shape(src, dst, spec, src_tp, name)
-                    if copy.length < 0:
-                        _read(src, dst, after)
-                        continue
-                    part = src.narrow(spec.dim, copy.src_start, copy.length)
-                    _read(part, dst.narrow(spec.dim, copy.dst_start, copy.length), after)
-                if spec.dim is not None:
-                    _zero_padding(dst, spec, rank, tp_size)
+                fill_resharded(name, dst, get_shard_spec(dst), saved, src_tp, rank, tp_size, after)
         except BaseException:
-            close_all(files)
+            saved.close()
             raise
-        error = close_all(files)
+        error = saved.close()
         if error is not None:
             raise error
     for dst, buffer in after:
         dst.copy_(buffer)
 
 
-def _open(
-    paths: list[str], stats: ReadStats, pool: Executor, files: list[SafetensorsFile]
-) -> dict[str, TensorSlice]:
-    """A saved rank's tensors by name, as lazy slices (only headers are read here)."""
-    slices: dict[str, TensorSlice] = {}
-    for path in paths:
-        files.append(SafetensorsFile(path, stats, pool))
-        stats.bytes_read += files[-1].header.data_start
-        for key in files[-1].keys():
-            slices[key] = files[-1].get_slice(key)
-    return slices
+class SavedRanks:
+    """A save's tensors by saved rank, as lazy slices: a rank's files are opened (only
+    their headers read) the first time one of its tensors is asked for."""
+
+    def __init__(self, source_files: dict[int, list[str]], stats: ReadStats, pool: Executor):
+        self.source_files = source_files
+        self.stats = stats
+        self.pool = pool
+        self._opened: dict[int, dict[str, TensorSlice]] = {}
+        self._files: list[SafetensorsFile] = []
+
+    def get(self, src_rank: int, name: str) -> TensorSlice:
+        if src_rank not in self._opened:
+            slices: dict[str, TensorSlice] = {}
+            for path in self.source_files[src_rank]:
+                self._files.append(SafetensorsFile(path, self.stats, self.pool))
+                self.stats.bytes_read += self._files[-1].header.data_start
+                for key in self._files[-1].keys():
+                    slices[key] = self._files[-1].get_slice(key)
+            self._opened[src_rank] = slices
+        src = self._opened[src_rank].get(name)
+        if src is None:
+            raise ShardFileError(
+                f"{name} is missing from the shard files of saved rank {src_rank} "
+                f"({', '.join(self.source_files[src_rank])})."
+            )
+        return src
+
+    def wait(self) -> None:
+        """Return when every queued read is done; raises the first read error."""
+        for f in self._files:
+            f.wait()
+
+    def close(self) -> Exception | None:
+        """Close every opened file (each waits for its reads); the first error, if any."""
+        return close_all(self._files)
+
+
+def fill_resharded(
+    name: str,
+    dst: torch.Tensor,
+    spec: ShardSpec,
+    saved: SavedRanks,
+    src_tp: int,
+    rank: int,
+    tp_size: int,
+    after: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Queue the reads that fill ``dst`` (rank ``rank``'s slice at ``tp_size`` of tensor
+    ``name``, split as ``spec``) from a save at ``src_tp``, and zero its padding rows. The
+    bytes are in place after ``saved.wait()`` and the ``(destination, buffer)`` copies
+    appended to ``after`` (column ranges, read through a buffer)."""
+    for copy in plan_copies(spec, src_tp, rank, tp_size):
+        src = saved.get(copy.src_rank, name)
+        _check_saved_shape(src, dst, spec, src_tp, name)
+        if copy.length < 0:
+            _read(src, dst, after)
+            continue
+        part = src.narrow(spec.dim, copy.src_start, copy.length)
+        _read(part, dst.narrow(spec.dim, copy.dst_start, copy.length), after)
+    if spec.dim is not None:
+        _zero_padding(dst, spec, rank, tp_size)
 
 
 def _check_saved_shape(
