@@ -100,19 +100,26 @@ def _runs(items: list[tuple[str, torch.Tensor]]) -> Iterator[memoryview]:
         yield storage_bytes(run, start, end)
 
 
-def _write_groups(views: Iterable[memoryview]) -> Iterator[list[memoryview]]:
-    """``views`` as groups of about _WRITE_CHUNK bytes (at most IOV_MAX buffers): one
-    writev each, however small the pieces are."""
+def _write_groups(views: Iterable[memoryview], chunk: int) -> Iterator[list[memoryview]]:
+    """``views`` as groups of about ``chunk`` bytes (at most IOV_MAX buffers): one
+    writev each, however small the pieces are. A view of more than one chunk ends its
+    group and is let go before the next view is asked for, so a source that makes its
+    tensors as they are written (``reshard_files``) holds about one at a time."""
     group: list[memoryview] = []
     size = 0
     for data in views:
-        for start in range(0, len(data), _WRITE_CHUNK):
-            piece = data[start : start + _WRITE_CHUNK]
+        large = len(data) > chunk
+        for start in range(0, len(data), chunk):
+            piece = data[start : start + chunk]
             group.append(piece)
             size += len(piece)
-            if size >= _WRITE_CHUNK or len(group) == IOV_MAX:
+            if size >= chunk or len(group) == IOV_MAX:
                 yield group
                 group, size = [], 0
+        if large and group:
+            yield group
+            group, size = [], 0
+        data = piece = None  # noqa: F841 (let the view go before the next one is made)
     if group:
         yield group
 
@@ -134,10 +141,15 @@ def write_file(
 
 
 def write_raw(
-    path: str, header: bytes, data: Iterable[memoryview], checksum: bool = True
+    path: str,
+    header: bytes,
+    data: Iterable[memoryview],
+    checksum: bool = True,
+    chunk: int = _WRITE_CHUNK,
 ) -> tuple[int, int | None]:
     """Write a safetensors file from its header's JSON text (``header_json``) and its data
-    bytes in order; returns (size in bytes, CRC-32 of the file, or None).
+    bytes in order; returns (size in bytes, CRC-32 of the file, or None). Small views
+    are gathered into writes of about ``chunk`` bytes (the views held at once).
 
     The header is padded with spaces so the data starts at a multiple of ``PAGE_SIZE``:
     every tensor is aligned to its element size (mmap-based readers need that), and the
@@ -154,12 +166,13 @@ def write_raw(
     try:
         writev_fully(fd, [memoryview(prefix)])
         with ThreadPoolExecutor(1, thread_name_prefix="crc32") as hasher:
-            for group in _write_groups(data):
+            for group in _write_groups(data, chunk):
                 pending = hasher.submit(_crc32_many, group, crc) if checksum else None
                 writev_fully(fd, group)
                 size += sum(len(v) for v in group)
                 if pending is not None:
                     crc = pending.result()
+                del group, pending  # before the next group is made
         os.fsync(fd)
     except OSError as e:
         if e.filename is not None:
