@@ -24,7 +24,7 @@ from vllm.model_executor.model_loader.sharded_state.manifest import (
     find_rank_files,
     validate_pattern,
 )
-from vllm.model_executor.model_loader.sharded_state.saver import _split_parts
+from vllm.model_executor.model_loader.sharded_state.saver import split_parts
 
 filter_subtensors = ShardedStateLoader._filter_subtensors
 
@@ -162,10 +162,10 @@ def test_split_parts_never_empty_and_oversized_alone():
         "c": torch.empty(10),
         "d": torch.empty(30),
     }
-    parts = _split_parts(state, max_size=100)  # float32: 40, 400, 40, 40, 120 bytes
+    parts = split_parts(state, max_size=100)  # float32: 40, 400, 40, 40, 120 bytes
     assert [[k for k, _ in p] for p in parts] == [["a"], ["big"], ["b", "c"], ["d"]]
-    assert _split_parts(state, None) == [list(state.items())]
-    assert all(len(p) == 1 for p in _split_parts(state, 1))
+    assert split_parts(state, None) == [list(state.items())]
+    assert all(len(p) == 1 for p in split_parts(state, 1))
 
 
 def test_write_file_is_standard_safetensors(tmp_path):

@@ -23,11 +23,19 @@ class DefaultModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig):
         super().__init__(load_config)
-        if load_config.model_loader_extra_config:
-            keys = ", ".join(sorted(load_config.model_loader_extra_config))
+        # "verify" is read by save_sharded_state: re-read the files it writes.
+        extra = dict(load_config.model_loader_extra_config or {})
+        verify = extra.pop("verify", False)
+        if extra:
+            keys = ", ".join(sorted(extra))
             raise ValueError(
                 f"model_loader_extra_config keys {keys} are not used by "
-                f"load_format={load_config.load_format!r}."
+                f"load_format={load_config.load_format!r} (only 'verify', for a "
+                "save_sharded_state of the loaded model, is)."
+            )
+        if not isinstance(verify, bool):
+            raise ValueError(
+                f"model_loader_extra_config 'verify' must be true or false, got {verify!r}."
             )
 
     def load_weights(self, model: nn.Module, vllm_config: VllmConfig) -> set[str]:

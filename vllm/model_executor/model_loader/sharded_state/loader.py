@@ -296,9 +296,12 @@ class ShardedStateLoader(BaseModelLoader):
         """Save this rank's slice of ``model`` under ``path``; every rank must call it.
 
         See ``saver.save_sharded_state``; ``vllm_config`` (the engine's)
-        fills the manifest, else it is derived from the model.
+        fills the manifest, else it is derived from the model; its
+        ``model_loader_extra_config`` ``{"verify": true}`` re-reads the files written.
         """
-        save_sharded_state(model, path, pattern, max_size, vllm_config)
+        extra = (vllm_config.load_config.model_loader_extra_config or {}) if vllm_config else {}
+        verify = extra.get("verify", False) is True
+        save_sharded_state(model, path, pattern, max_size, vllm_config, verify=verify)
 
 
 def _load_block(region: WeightRegion, path: str, crc: int | None, use_mmap: bool) -> int | None:

@@ -45,6 +45,7 @@ from vllm.model_executor.model_loader.sharded_state.manifest import (
     read_manifest,
     validate_pattern,
 )
+from vllm.model_executor.model_loader.sharded_state.verify import verify_rank
 from vllm.model_executor.model_loader.sharded_state.weight_region import (
     WeightRegion,
     get_region,
@@ -79,6 +80,7 @@ def save_sharded_state(
     pattern: str | None = None,
     max_size: int | str | None = None,
     vllm_config: VllmConfig | None = None,
+    verify: bool = False,
 ) -> None:
     """Save this rank's state dict under ``path``; every rank of the group must call it.
 
@@ -86,7 +88,8 @@ def save_sharded_state(
     the loader will ask for, and swapped into place with the manifest; files already
     in ``path`` that are not sharded state (config, tokenizer) are kept. ``max_size``
     (bytes) splits a rank's tensors into several files; a tensor larger than it gets
-    a file of its own.
+    a file of its own. ``verify``: each rank then re-reads its files (CRC-32s against the
+    manifest, tensors against what a load asks for, ``verify.verify_rank``).
     """
     pattern = validate_pattern(DEFAULT_PATTERN if pattern is None else pattern)
     max_size = parse_max_size(max_size)
@@ -98,12 +101,14 @@ def save_sharded_state(
         tmp = _on_rank0(lambda: directory.make_temp_dir(target), rank, group)
         try:
             records = _on_every_rank(
-                lambda: _save_rank(model, tmp, pattern, max_size, rank, world, vllm_config),
+                lambda: save_rank_files(model, tmp, pattern, max_size, rank, world, vllm_config),
                 rank,
                 group,
             )
             old = _on_rank0(
-                lambda: _finish_save(model, target, tmp, pattern, records, world, vllm_config),
+                lambda: finish_save(
+                    target, tmp, pattern, records, manifest_info(model, world, vllm_config)
+                ),
                 rank,
                 group,
             )
@@ -116,6 +121,14 @@ def save_sharded_state(
             _on_every_rank(lambda: directory.delete_files(shares[rank]), rank, group)
             if rank == 0:
                 shutil.rmtree(old_dir, ignore_errors=True)
+        if verify:
+            _on_every_rank(
+                lambda: verify_rank(
+                    target, read_manifest(target), rank, expected_state(model, vllm_config)
+                ),
+                rank,
+                group,
+            )
     if rank == 0:
         nbytes = sum(i.size for r in records for i in r.files.values())
         logger.info(
@@ -184,7 +197,7 @@ def _on_rank0(fn: Callable[[], Any], rank: int, group: Any) -> Any:
     return _on_every_rank(fn if rank == 0 else (lambda: None), rank, group)[0]
 
 
-def _split_parts(
+def split_parts(
     state: dict[str, torch.Tensor], max_size: int | None
 ) -> list[list[tuple[str, torch.Tensor]]]:
     """Consecutive groups of at most ``max_size`` bytes; an oversized tensor stands alone."""
@@ -203,7 +216,7 @@ def _split_parts(
     return parts
 
 
-def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict[str, ManifestTensor]:
+def tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict[str, ManifestTensor]:
     """Per tensor of ``state`` (the parameters and buffers themselves): dtype, local shape,
     and from its ``shard_spec`` (stated by its layer) the shard dim, the global shape (the
     tensor at TP=1, without vocabulary padding) and the spec itself."""
@@ -220,7 +233,7 @@ def _tensor_schema(state: dict[str, torch.Tensor], world: int) -> dict[str, Mani
     return schema
 
 
-def _expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[str, tuple]:
+def expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[str, tuple]:
     """(shape, dtype) of every tensor a sharded-state load will ask for: what the model
     held when it was built (recorded by ``initialize_model``), else what a rebuild on the
     meta device holds."""
@@ -241,7 +254,7 @@ def _expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[st
     return state_schema(fresh)
 
 
-def _save_rank(
+def save_rank_files(
     model: nn.Module,
     tmp: str,
     pattern: str,
@@ -260,18 +273,18 @@ def _save_rank(
             size, crc = region.write(os.path.join(tmp, name))
             files = {name: ManifestFile(rank, 0, size, crc, list(state))}
             _check_region_file(region, os.path.join(tmp, name), size)
-            return RankFiles(files, _tensor_schema(state, world))
+            return RankFiles(files, tensor_schema(state, world))
     else:
         # Weights packed for the CPU (mkldnn) stay packed here: write_file turns each back
         # into a plain tensor just before writing it, so no dense copy is held.
         state = filter_subtensors(model.state_dict(keep_vars=True))
     files = {}
-    for part, items in enumerate(_split_parts(state, max_size)):
+    for part, items in enumerate(split_parts(state, max_size)):
         name = pattern.format(rank=rank, part=part)
         size, crc = write_file(os.path.join(tmp, name), items)
         files[name] = ManifestFile(rank, part, size, crc, [key for key, _ in items])
-    _check_loadable(_expected_state(model, vllm_config), tmp, files, rank)
-    return RankFiles(files, _tensor_schema(state, world))
+    check_loadable(expected_state(model, vllm_config), tmp, files, rank)
+    return RankFiles(files, tensor_schema(state, world))
 
 
 def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
@@ -284,7 +297,7 @@ def _check_region_file(region: WeightRegion, path: str, size: int) -> None:
         )
 
 
-def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int) -> None:
+def check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int) -> None:
     """Fail unless the written files hold exactly the tensors loading will ask for."""
     written: dict[str, Spec] = {}
     where: dict[str, str] = {}
@@ -309,17 +322,27 @@ def _check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int
     )
 
 
-def _finish_save(
-    model: nn.Module,
-    target: str,
-    tmp: str,
-    pattern: str,
-    records: list[RankFiles],
-    world: int,
-    vllm_config: VllmConfig | None,
+def manifest_info(model: nn.Module, world: int, vllm_config: VllmConfig | None) -> dict[str, Any]:
+    """The manifest's configuration fields: the engine's, else derived from the model."""
+    if vllm_config is not None:
+        return engine_config_info(vllm_config)
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return {
+        "architecture": (archs or [type(model).__name__])[0],
+        "tensor_parallel_size": world,
+        "pipeline_parallel_size": 1,
+        "dtype": dtype_name(dtype or torch.get_default_dtype()),
+        "quantization": None,
+    }
+
+
+def finish_save(
+    target: str, tmp: str, pattern: str, records: list[RankFiles], config: dict[str, Any]
 ) -> tuple[str, list[list[str]]] | None:
     """Rank 0: write the manifest, then put the directory in place keeping the target's
-    files that are not sharded state. Returns the directory holding the replaced files
+    files that are not sharded state (``config``: the manifest's configuration fields,
+    ``manifest_info``). Returns the directory holding the replaced files
     and their split into one share per rank, for the ranks to delete; or None."""
     files: dict[str, ManifestFile] = {}
     for record in records:
@@ -349,20 +372,8 @@ def _finish_save(
     def is_shard_state(name: str) -> bool:
         return name == MANIFEST_NAME or name in old_files or any(r.match(name) for r in regexes)
 
-    if vllm_config is not None:
-        info = engine_config_info(vllm_config)
-    else:
-        archs = getattr(getattr(model, "config", None), "architectures", None)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-        info = {
-            "architecture": (archs or [type(model).__name__])[0],
-            "tensor_parallel_size": world,
-            "pipeline_parallel_size": 1,
-            "dtype": dtype_name(dtype or torch.get_default_dtype()),
-            "quantization": None,
-        }
     manifest = Manifest(
-        **info,
+        **config,
         pattern=pattern,
         files=dict(sorted(files.items(), key=lambda kv: (kv[1].rank, kv[1].part))),
         tensors=tensors,
@@ -375,4 +386,4 @@ def _finish_save(
     old_dir = directory.install(tmp, target, is_shard_state, last=MANIFEST_NAME)
     if old_dir is None:
         return None
-    return old_dir, directory.split_for_deletion(old_dir, world)
+    return old_dir, directory.split_for_deletion(old_dir, len(records))
