@@ -33,6 +33,20 @@ def _save_sharded_state(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _reshard_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vllm.entrypoints.reshard import DESCRIPTION, add_args
+
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return add_args(parser)
+
+
+def _reshard(args: argparse.Namespace) -> None:
+    from vllm.entrypoints.reshard import main
+
+    main(args)
+
+
 def _serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vllm.entrypoints.openai.cli_args import make_arg_parser
 
@@ -72,6 +86,13 @@ COMMANDS: list[Command] = [
         "examples/offline_inference/save_sharded_state.py.",
         _save_sharded_state_args,
         _save_sharded_state,
+    ),
+    Command(
+        "reshard",
+        "Rewrite a sharded-state or Hugging Face checkpoint as the sharded-state files of "
+        "another tensor_parallel_size, without an engine or a GPU.",
+        _reshard_args,
+        _reshard,
     ),
 ]
 
