@@ -133,8 +133,9 @@ class FileReader:
     def byte_view(self, dst: torch.Tensor) -> memoryview:
         """The bytes of ``dst`` (a contiguous CPU tensor) as a memoryview that keeps its
         storage alive. A storage that holds more than ``dst`` (a model's weight block)
-        gets one view, kept until ``close()`` and sliced for each of its tensors: far
-        cheaper than going through ``dst.numpy()`` for every one of many tensors."""
+        gets one view, kept until ``wait()`` or ``close()`` and sliced for each of its
+        tensors: far cheaper than going through ``dst.numpy()`` for every one of many
+        tensors."""
         storage = dst.untyped_storage()
         base, size = storage.data_ptr(), storage.nbytes()
         if size == dst.nbytes:  # a tensor of its own storage: its view is not kept
@@ -268,6 +269,9 @@ class FileReader:
             self.submit()
         pending, self._pending = self._pending, []
         futures.wait(pending)  # all of them, so none still reads after an error
+        # The reads are done: their destinations' storages need not stay alive (a caller
+        # that fills and frees one tensor at a time, ``reshard_files``, waits per tensor).
+        self._storage_views.clear()
         for device in self._devices:  # the pool threads' copies, on their own streams
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -168,6 +168,7 @@ def _filled(
         view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
         del dst
         yield view
+        del view  # before the next tensor is made
 
 
 def saved_tensors_from_headers(
