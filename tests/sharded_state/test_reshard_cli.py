@@ -140,6 +140,7 @@ def test_errors(llama_saves, tmp_path):
     assert run.returncode != 0
     assert "tensor_parallel_size=3" in run.stderr
     assert "can take tensor_parallel_size 1, 2, 4" in run.stderr
+    assert "Traceback" not in run.stderr  # the message alone
     assert not os.path.exists(tmp_path / "out")
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ from vllm.model_executor.model_loader.sharded_state.manifest import (
 )
 from vllm.model_executor.model_loader.sharded_state.reshard_files import (
     SavedTensor,
+    check_tp_sizes,
     saved_tensors_from_headers,
     write_resharded,
 )
@@ -113,15 +115,20 @@ def add_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    reshard(
-        args.input,
-        args.output,
-        args.tensor_parallel_size,
-        max_size=args.max_file_size,
-        pattern=args.file_pattern,
-        dtype=args.dtype,
-        verify=args.verify,
-    )
+    """Run ``reshard``; a user's error (a bad size, path or file) ends the command with
+    its message alone, not a traceback."""
+    try:
+        reshard(
+            args.input,
+            args.output,
+            args.tensor_parallel_size,
+            max_size=args.max_file_size,
+            pattern=args.file_pattern,
+            dtype=args.dtype,
+            verify=args.verify,
+        )
+    except (ValueError, OSError) as e:
+        sys.exit(f"vllm reshard: error: {e}")
 
 
 def reshard(
@@ -269,6 +276,8 @@ def _sharded_writer(
         src_tp = len(present)
         sources = {r: find_rank_files(source, DEFAULT_PATTERN, r) for r in range(src_tp)}
         tensors, info = _layout_from_model(source, sources[0], src_tp, tp_size)
+
+    check_tp_sizes(tensors, src_tp, tp_size)  # before the output directory is made
 
     def write(tmp: str) -> tuple[list[RankFiles], dict[str, Any]]:
         return write_resharded(tensors, sources, src_tp, tp_size, tmp, pattern, max_size), info
