@@ -11,6 +11,7 @@ atomically with its manifest, and loads with
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -338,6 +339,7 @@ def _hf_writer(source: str, tp_size: int, pattern: str, max_size: int | None, dt
                     save_rank_files(model, tmp, pattern, max_size, rank, tp_size, vllm_config)
                 )
             del model
+            gc.collect()  # this rank's model is gone before the next one is built
         return records, engine_config_info(vllm_config)
 
     return write
