@@ -26,7 +26,13 @@ downloaded), saves it sharded at each tensor-parallel size, and prints:
    back to back in each round, so the ratio is steadier than the medians' on a noisy VM).
    With ``--num-tensors``, a further table puts the two checkpoints side by side: each
    method's cost per extra tensor in microseconds (0 would be flat with tensor count).
-3. start-up: ``LLM(...)`` to ready for a ~135M-parameter bfloat16 Llama at TP 1 and 2,
+3. resharded: a save at ``--reshard-from`` (default 2) loaded at every other ``--tp`` N
+   (each rank reads only the rows / column ranges its slices are made of), against the
+   save at N mapped and read with threads (``mmap=0``: the fair comparison per byte, as
+   a resharded load cannot map files) and the default loader at N: seconds, GB read (the
+   loaders' own count), bytes per rank, and seconds per GB read over ``mmap=0``'s
+   (the goal: within 1.5x). ``--only reshard`` runs this section alone.
+4. start-up: ``LLM(...)`` to ready for a ~135M-parameter bfloat16 Llama at TP 1 and 2,
    with the engine's breakdown (imports, config, tokenizer, worker processes, weights,
    KV cache).
 
@@ -35,6 +41,7 @@ Each measurement runs in fresh processes, one per rank, started together.
     python benchmarks/benchmark_load.py                          # ~2 GB, TP 1 2 4
     python benchmarks/benchmark_load.py --size 0.5 --tp 1 2      # quicker
     python benchmarks/benchmark_load.py --num-tensors 10000      # many small tensors too
+    python benchmarks/benchmark_load.py --size 0.5 --only reshard  # TP 2 -> 1 and 4 only
 
 Warm loads run ``--repeats`` times (default 3), the methods in turn, and each row is the
 median run: on a small VM a single load varies by 2x.
@@ -128,6 +135,26 @@ def build_checkpoint(path: str, shape: dict) -> None:
         weight_map.update(dict.fromkeys(tensors, fname))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # what sets bfloat16 copy/compute speed
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has ``CPU_FLAGS``, from /proc/cpuinfo."""
+    name, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    return f"{name} ({have})"
 
 
 def weight_files(path: str) -> list[str]:
@@ -300,7 +327,9 @@ def task_loader(spec: dict, vllm_config, dist) -> dict:
     model, nbytes = _model(vllm_config)
     loader = get_model_loader(vllm_config.load_config)
     load = lambda: loader.load_weights(model, vllm_config)  # noqa: E731
-    return dict(_timed(dist, load, base), params=nbytes)
+    # ``loaded``: the loader's own count of the bytes it read or mapped (``rchar`` misses
+    # mapped pages, e.g. a resharded load's column ranges copied out of a mapping).
+    return dict(_timed(dist, load, base), params=nbytes, loaded=loader.bytes_read)
 
 
 def task_save(spec: dict, vllm_config, dist) -> dict:
@@ -317,6 +346,9 @@ def task_save(spec: dict, vllm_config, dist) -> dict:
     model = get_model_loader(vllm_config.load_config).load_model(vllm_config)
     state = filter_subtensors(model.state_dict())
     nbytes = sum(t.nbytes for t in state.values())
+    if spec.get("untimed"):  # only the checkpoint for the loads
+        save_sharded_state(model, spec["out"], vllm_config=vllm_config)
+        return {"bytes": nbytes}
     scratch = os.path.join(spec["scratch"], f"rank{spec['rank']}")
     os.makedirs(scratch, exist_ok=True)
     buf = torch.ones(nbytes, dtype=torch.uint8)
@@ -502,6 +534,69 @@ def print_tensor_cost(rows: list, counts: dict[str, int], total: dict[str, int])
         print(f"{tp:>2} {method:<21} | {few:>11.2f} {many:>12.2f} | {per_tensor:>9.1f}")
 
 
+RESHARD_METHODS = [  # (label, extra spec, which directory: the save at M, at N, or HF)
+    ("resharded", {"load_format": "sharded_state"}, "src"),
+    ("sharded_state", {"load_format": "sharded_state"}, "same"),
+    ("sharded_state mmap=0", {"load_format": "sharded_state", "mmap": False}, "same"),
+    ("default", {"load_format": "auto"}, "hf"),
+]
+RESHARD_GOAL = 1.5  # resharded s/GB read within this of the same-TP threaded read's
+
+
+def measure_reshard(
+    hf: str, sharded: dict[int, str], src_tp: int, tps: list[int], repeats: int
+) -> dict[tuple[int, str], list[dict]]:
+    """Warm loads at each TP size N of ``tps`` of the save at ``src_tp`` (resharded),
+    against the save at N (mapped and read) and the HF files at N, the methods in turn
+    each round. Per run: seconds, and per rank the loader's bytes and ``rchar``."""
+    runs: dict[tuple[int, str], list[dict]] = {}
+    for _ in range(repeats):
+        for tp in tps:
+            for name, extra, where in RESHARD_METHODS:
+                model = {"src": sharded[src_tp], "same": sharded[tp], "hf": hf}[where]
+                warm(weight_files(model))
+                res = run_ranks("loader", tp, model=model, **extra)
+                progress(f"reshard {src_tp}->{tp} warm {name}: {span(res):.2f} s")
+                runs.setdefault((tp, name), []).append(
+                    dict(
+                        seconds=span(res),
+                        loaded=[r["loaded"] for r in res],
+                        rchar=[r["rchar"] for r in res],
+                    )  # fmt: skip
+                )
+    return runs
+
+
+def _per_gb(run: dict) -> float:
+    """Seconds per GB read (all ranks' bytes)."""
+    return run["seconds"] / (sum(run["loaded"]) / 1e9)
+
+
+def print_reshard_table(runs: dict[tuple[int, str], list[dict]], src_tp: int) -> None:
+    print(
+        f"\nResharded load: saved at TP={src_tp}, loaded at TP=N (warm, median of "
+        f"{len(next(iter(runs.values())))} runs; seconds: first rank start to last rank "
+        "done; GB read: the loaders' count over all ranks (mapped bytes for sharded_state);"
+        "\nvs mmap=0: (s per GB read) / (same-TP sharded_state mmap=0's s per GB read), "
+        f"the median of the per-round ratios; goal <= {RESHARD_GOAL}x)"
+    )
+    head = (f"{'N':>2} {'method':<21} {'from':<9} | {'s':>6} {'GB read':>7} {'GB/s':>6} | "
+            f"{'MB read/rank':>12} {'rchar MB/rank':>13} | {'vs mmap=0':>9}")  # fmt: skip
+    print(head + "\n" + "-" * len(head))
+    for tp in sorted({tp for tp, _ in runs}):
+        base = runs[(tp, "sharded_state mmap=0")]
+        for name, _, where in RESHARD_METHODS:
+            each = runs[(tp, name)]
+            r = sorted(each, key=lambda x: x["seconds"])[len(each) // 2]
+            gb = sum(r["loaded"]) / 1e9
+            ratios = sorted(_per_gb(a) / _per_gb(b) for a, b in zip(each, base))
+            source = {"src": f"TP={src_tp}", "same": f"TP={tp}", "hf": "HF"}[where]
+            ratio = ratios[len(ratios) // 2]
+            print(f"{tp:>2} {name:<21} {source:<9} | {r['seconds']:>6.2f} {gb:>7.2f} "
+                  f"{gb / r['seconds']:>6.2f} | {max(r['loaded']) / 1e6:>12.0f} "
+                  f"{max(r['rchar']) / 1e6:>13.0f} | {ratio:>8.2f}x")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -518,6 +613,14 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up table")
+    parser.add_argument(
+        "--reshard-from", type=int, default=2,
+        help="the resharded section loads a save at this TP size at every other --tp",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", choices=["reshard"], default=None,
+        help="run only this section (reshard: the resharded load; no save/load tables)",
+    )  # fmt: skip
     parser.add_argument("--workdir", default=None, help="where to build (default: a temp dir)")
     parser.add_argument("--rank-task", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -529,15 +632,15 @@ def main() -> None:
             rank_task(spec)
         return
 
-    import platform
-
     import torch
 
     from vllm.entrypoints.save_sharded_state import copy_metadata_files
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} "
+    print(f"Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} "
           f"cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; "
           f"torch {torch.__version__}")  # fmt: skip
+    only_reshard = args.only == "reshard"
+    reshard_tps = [tp for tp in args.tp if tp != args.reshard_from]
     shapes = {"few-large": llama_shape(args.size, None)}
     if args.num_tensors:
         shapes["many-small"] = llama_shape(args.size, args.num_tensors)
@@ -545,6 +648,7 @@ def main() -> None:
         os.makedirs(args.workdir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         load_rows, save_rows, total, tensor_counts = [], [], {}, {}
+        reshard_runs: dict[tuple[int, str], list[dict]] = {}
         for label, shape in shapes.items():
             hf = os.path.join(tmp, f"{label}-hf")
             build_checkpoint(hf, shape)
@@ -555,20 +659,33 @@ def main() -> None:
                 f"{tensor_counts[label]} tensors, {total[label] / 1e9:.2f} GB bfloat16"
             )
             sharded = {}
-            for tp in args.tp:
+            resharding = label == "few-large" and bool(reshard_tps)
+            save_tps = sorted(set(args.tp) | ({args.reshard_from} if resharding else set()))
+            for tp in save_tps:
                 sharded[tp] = os.path.join(tmp, f"{label}-tp{tp}")
                 scratch = os.path.join(tmp, "scratch")
-                res = run_ranks("save", tp, model=hf, out=sharded[tp], scratch=scratch)
+                untimed = only_reshard or tp not in args.tp
+                res = run_ranks("save", tp, model=hf, out=sharded[tp], scratch=scratch,
+                                untimed=untimed)  # fmt: skip
                 progress(f"{label} TP={tp} saved")
                 copy_metadata_files(hf, sharded[tp])
-                save_rows.append((label, tp, res))
-            load_rows += measure_loads(label, hf, sharded, args.tp, False, args.repeats)
-            if not args.no_cold:
-                load_rows += measure_loads(label, hf, sharded, args.tp, True, 1)
+                if not untimed:
+                    save_rows.append((label, tp, res))
+            if not only_reshard:
+                load_rows += measure_loads(label, hf, sharded, args.tp, False, args.repeats)
+                if not args.no_cold:
+                    load_rows += measure_loads(label, hf, sharded, args.tp, True, 1)
+            if resharding:
+                reshard_runs = measure_reshard(
+                    hf, sharded, args.reshard_from, reshard_tps, args.repeats
+                )
             shutil.rmtree(hf)
             for d in sharded.values():
                 shutil.rmtree(d)
 
+        if only_reshard:
+            print_reshard_table(reshard_runs, args.reshard_from)
+            return
         print(
             "\nSave (each rank writes its own state; GB/s over all ranks; fsync included; "
             f"the fastest of {SAVE_REPEATS} runs; save_sharded_state into an empty directory)"
@@ -595,6 +712,8 @@ def main() -> None:
         print_paired(load_rows, "default", "upstream loop")
         if len(tensor_counts) == 2:
             print_tensor_cost(load_rows, tensor_counts, total)
+        if reshard_runs:
+            print_reshard_table(reshard_runs, args.reshard_from)
 
         if not args.no_startup:
             startup_table(tmp, [tp for tp in args.tp if tp <= 2])
