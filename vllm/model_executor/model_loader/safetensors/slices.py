@@ -104,6 +104,27 @@ class TensorSlice:
         staged = dst.is_cuda or (dst.is_cpu and staging.STAGE_CPU_READS)
         return dst.is_contiguous() and (staged or (dst.is_cpu and dst.dtype == self.dtype))
 
+    def copies_into(self, dst: torch.Tensor) -> bool:
+        """Whether ``copy_into`` takes ``dst``: a CPU tensor of the slice's dtype and
+        shape, strided or not (e.g. a column range of a parameter)."""
+        return (
+            dst.is_cpu
+            and not staging.STAGE_CPU_READS
+            and dst.dtype == self.dtype
+            and tuple(dst.shape) == self.shape
+        )
+
+    def copy_into(self, dst: torch.Tensor) -> None:
+        """Copy the box into ``dst`` (see ``copies_into``) with one strided copy out of a
+        short-lived mapping of the tensor's pages, queued for the file's pool like
+        ``read_into``: no buffer the size of the box."""
+        if not self.copies_into(dst):
+            raise ValueError(
+                f"copy_into needs a CPU tensor of {self.dtype} and shape {self.get_shape()}; "
+                f"got {dst.dtype} {list(dst.shape)} on {dst.device}."
+            )
+        self.file.copy_box(self.entry, self.box, dst, wait=False)
+
     def read_into(self, dst: torch.Tensor, wait: bool = False) -> None:
         """Read the box into ``dst``: a contiguous tensor of its shape, on the CPU of its
         dtype, or on a CUDA device of any dtype (through pinned buffers, ``CudaStaging``;

@@ -189,10 +189,14 @@ def _check_saved_shape(
 
 
 def _read(src: TensorSlice, dst: torch.Tensor, after: list) -> None:
-    """Queue the read of ``src`` into ``dst``; a strided ``dst`` (a column range) gets a
-    buffer, copied in once every read is done."""
+    """Queue the read of ``src`` into ``dst``. A strided ``dst`` (a column range) on the
+    CPU is copied into in the pool; elsewhere it gets a buffer, copied in once every
+    read is done."""
     if src.reads_into(dst):
         src.read_into(dst)
+        return
+    if src.copies_into(dst):
+        src.copy_into(dst)
         return
     buffer = torch.empty(src.get_shape(), dtype=src.dtype, device=dst.device)
     src.read_into(buffer)
