@@ -9,6 +9,7 @@ import mmap
 import os
 import re
 import struct
+import time
 import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -588,6 +589,11 @@ def test_reads_into_views_of_one_buffer(tmp_path, monkeypatch):
         assert torch.equal(own, a["w1"][30:40])
         memory_ref = weakref.ref(memory)
         del own, memory
+        # A pool thread drops its finished task (and the views it held) just after the
+        # result is set: give it a moment, but the file itself must not keep them.
+        deadline = time.monotonic() + 2.0
+        while memory_ref() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert memory_ref() is None
     pool.shutdown()
     _assert_same(got, a)
