@@ -59,6 +59,21 @@ def narrow_weight(
     return w[tuple(index)]
 
 
+def narrow_by_ranges(w: Any, index: Any) -> Any:
+    """``w[index]`` for a lazy slice: ``index`` is ranges (``start:stop``, one per leading
+    dimension, an optional trailing ``...``), applied as ``narrow``s; returns the view."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if index and index[-1] is Ellipsis:
+        index = index[:-1]
+    for dim, s in enumerate(index):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise TypeError(f"{type(w).__name__} takes ranges (start:stop), got {index!r}.")
+        start, stop, _ = s.indices(w.shape[dim])
+        w = w.narrow(dim, start, max(0, stop - start))
+    return w
+
+
 def materialize(w: LoadedWeight) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return w

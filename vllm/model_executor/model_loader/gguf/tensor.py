@@ -13,6 +13,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from vllm.model_executor.model_loader.safetensors.reader import ReadStats
+from vllm.model_executor.utils import narrow_by_ranges
 
 
 def dequantizable(qtype: GGMLQuantizationType) -> bool:
@@ -90,17 +91,7 @@ class GGUFTensor:
         )
 
     def __getitem__(self, index) -> torch.Tensor:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if index and index[-1] is Ellipsis:
-            index = index[:-1]
-        view = self
-        for dim, s in enumerate(index):
-            if not isinstance(s, slice) or s.step not in (None, 1):
-                raise TypeError(f"GGUFTensor takes ranges (start:stop), got {index!r}.")
-            start, stop, _ = s.indices(view.shape[dim])
-            view = view.narrow(dim, start, max(0, stop - start))
-        return view.materialize()
+        return narrow_by_ranges(self, index).materialize()
 
     def materialize(self) -> torch.Tensor:
         """Read and dequantize this view's rows and column blocks into a new tensor."""

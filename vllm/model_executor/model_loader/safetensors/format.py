@@ -73,6 +73,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def header_specs(path: str) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], int]:
+    """(name -> (shape, dtype) of every tensor in the file, file size): what a
+    strictness check compares with the state a load will ask for."""
+    header, _, size = read_header_json(path)
+    header.pop("__metadata__", None)
+    specs = {k: (tuple(e["shape"]), DTYPES[e["dtype"]]) for k, e in header.items()}
+    return specs, size
+
+
 def read_header_json(path: str) -> tuple[dict, int, int]:
     """A safetensors file's header as parsed JSON, with its data start (8 + header length)
     and the file's size; raises ShardFileError naming ``path``. Only the JSON is checked."""

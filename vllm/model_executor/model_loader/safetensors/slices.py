@@ -21,6 +21,7 @@ from vllm.model_executor.model_loader.safetensors.format import (
     read_header,
 )
 from vllm.model_executor.model_loader.safetensors.reader import FileReader, ReadStats
+from vllm.model_executor.utils import narrow_by_ranges
 
 
 class SafetensorsFile(FileReader):
@@ -84,16 +85,7 @@ class TensorSlice:
         return TensorSlice(self.file, self.entry, tuple(box), self.whole)
 
     def __getitem__(self, index) -> torch.Tensor:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if index and index[-1] is Ellipsis:
-            index = index[:-1]
-        view = self
-        for dim, s in enumerate(index):
-            if not isinstance(s, slice) or s.step not in (None, 1):
-                raise TypeError(f"TensorSlice takes ranges (start:stop), got {index!r}.")
-            start, stop, _ = s.indices(view.shape[dim])
-            view = view.narrow(dim, start, max(0, stop - start))
+        view = narrow_by_ranges(self, index)
         out = torch.empty(view.shape, dtype=self.dtype)
         view.read_into(out, wait=True)
         return out

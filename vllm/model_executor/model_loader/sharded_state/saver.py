@@ -26,11 +26,10 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.shard_spec import get_shard_spec
 from vllm.model_executor.model_loader.base_loader import initialize_model, set_default_torch_dtype
 from vllm.model_executor.model_loader.safetensors.format import (
-    DTYPES,
     ShardFileError,
     dtype_name,
+    header_specs,
     read_header_bytes,
-    read_header_json,
 )
 from vllm.model_executor.model_loader.safetensors.writer import write_file
 from vllm.model_executor.model_loader.sharded_state import directory
@@ -303,13 +302,11 @@ def check_loadable(expected: dict[str, tuple], tmp: str, files: dict, rank: int)
     where: dict[str, str] = {}
     for name, info in files.items():
         path = os.path.join(tmp, name)
-        header, _, size = read_header_json(path)
+        specs, size = header_specs(path)
         if size != info.size:
             raise ShardFileError(f"{path} is {size} bytes, {info.size} written.")
-        header.pop("__metadata__", None)
-        for key, entry in header.items():
-            written[key] = (tuple(entry["shape"]), DTYPES[entry["dtype"]])
-            where[key] = name
+        written.update(specs)
+        where.update(dict.fromkeys(specs, name))
     check_state(
         f"rank {rank}'s files",
         expected,

@@ -17,9 +17,8 @@ from vllm.config import ModelConfig
 from vllm.distributed.parallel_state import tensor_parallel_state
 from vllm.model_executor.model_loader.base_loader import initialize_model
 from vllm.model_executor.model_loader.safetensors.format import (
-    DTYPES,
     ShardFileError,
-    read_header_json,
+    header_specs,
 )
 from vllm.model_executor.model_loader.sharded_state.manifest import (
     MANIFEST_NAME,
@@ -80,11 +79,9 @@ def verify_rank(path: str, manifest: Manifest, rank: int, expected: dict[str, Sp
                 f"{file} has CRC-32 {crc:08x}; {MANIFEST_NAME} records {info.crc32:08x}: the "
                 "file is corrupt. Write the checkpoint again."
             )
-        header, _, _ = read_header_json(file)
-        header.pop("__metadata__", None)
-        for key, entry in header.items():
-            written[key] = (tuple(entry["shape"]), DTYPES[entry["dtype"]])
-            where[key] = name
+        specs, _ = header_specs(file)
+        written.update(specs)
+        where.update(dict.fromkeys(specs, name))
     check_state(
         f"rank {rank}'s files in {path}",
         expected,
