@@ -275,10 +275,25 @@ def test_upstream_empty_values_count_as_unset(
 
 
 def test_unsupported_args_warn(tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture) -> None:
-    EngineArgs(model=tiny_llama, enable_prefix_caching=True, swap_space=8).create_engine_config()
+    EngineArgs(model=tiny_llama, cpu_offload_gb=1, swap_space=8).create_engine_config()
     warnings = [r.getMessage() for r in vllm_caplog.records if r.levelno == logging.WARNING]
-    assert any("enable_prefix_caching" in m and "no effect" in m for m in warnings), warnings
+    assert any("cpu_offload_gb" in m and "no effect" in m for m in warnings), warnings
     assert any("swap_space" in m and "no effect" in m for m in warnings), warnings
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, True), (True, True), (False, False), ("default", True)]
+)
+def test_prefix_caching_is_on_unless_turned_off(
+    tiny_llama: str, value: object, expected: bool, vllm_caplog: pytest.LogCaptureFixture
+) -> None:
+    kwargs = {} if value == "default" else {"enable_prefix_caching": value}
+    config = EngineArgs(model=tiny_llama, **kwargs).create_engine_config()
+    assert config.cache_config.enable_prefix_caching is expected
+    assert not [r for r in vllm_caplog.records if "prefix" in r.getMessage()]
+    cli = ["--model", tiny_llama] + ([] if expected else ["--no-enable-prefix-caching"])
+    args = EngineArgs.from_cli_args(_parser().parse_args(cli))
+    assert args.create_engine_config().cache_config.enable_prefix_caching is expected
 
 
 def test_defaults_do_not_warn(tiny_llama: str, vllm_caplog: pytest.LogCaptureFixture) -> None:

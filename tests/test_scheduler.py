@@ -33,7 +33,7 @@ def make_seq(
         seq_id,
         request_id,
         [first + i for i in range(prompt_len)],
-        SimpleNamespace(logprobs=None),
+        SimpleNamespace(logprobs=None, prompt_logprobs=None),
         index=index,
     )
 
@@ -44,13 +44,18 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_num_batched_tokens: int = 64,
     enable_chunked_prefill: bool = True,
+    enable_prefix_caching: bool = False,
 ) -> Scheduler:
     scheduler_config = SimpleNamespace(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_chunked_prefill=enable_chunked_prefill,
     )
-    cache_config = SimpleNamespace(num_gpu_blocks=num_blocks, block_size=block_size)
+    cache_config = SimpleNamespace(
+        num_gpu_blocks=num_blocks,
+        block_size=block_size,
+        enable_prefix_caching=enable_prefix_caching,
+    )
     return Scheduler(scheduler_config, cache_config)
 
 
@@ -66,6 +71,7 @@ class FakeWorker:
         self.block_size = block_size
         self.seqs: dict[int, dict] = {}
         self.kv: dict[tuple[int, int], tuple[int, int]] = {}  # slot -> (seq's token, position)
+        self.num_computed_tokens = 0  # tokens run through the "model", over all steps
 
     def execute(self, out: SchedulerOutput, sched: Scheduler) -> ModelRunnerOutput:
         for seq_id in out.finished_seq_ids:
@@ -81,7 +87,8 @@ class FakeWorker:
             state = self.seqs[cached.seq_id]
             state["tokens"] += cached.new_token_ids
             state["blocks"] += cached.new_block_ids
-        sampled = []
+        written: dict[tuple[int, int], int] = {}
+        # As the attention backend: every new token's KV is written, then attention reads.
         for seq_id, n in out.num_scheduled_tokens.items():
             state, seq = self.seqs[seq_id], sched.seqs[seq_id]
             assert state["tokens"] == seq.token_ids
@@ -91,11 +98,20 @@ class FakeWorker:
             assert 0 < n and end <= len(state["tokens"])
             assert len(state["blocks"]) * self.block_size >= end
             for pos in range(start, end):
-                self.kv[self._slot(state, pos)] = (state["tokens"][pos], pos)
+                slot = self._slot(state, pos)
+                # Only this step's own tokens may overwrite a slot another sequence reads.
+                assert slot not in written or written[slot] == seq_id, "shared slot rewritten"
+                written[slot] = seq_id
+                self.kv[slot] = (state["tokens"][pos], pos)
+        sampled = []
+        for seq_id, n in out.num_scheduled_tokens.items():
+            state = self.seqs[seq_id]
+            end = state["computed"] + n
             # Attention reads every earlier position: it must find this sequence's tokens.
             for pos in range(end):
                 assert self.kv[self._slot(state, pos)] == (state["tokens"][pos], pos)
             state["computed"] = end
+            self.num_computed_tokens += n
             if end == len(state["tokens"]):
                 sampled.append(SampledToken(seq_id, next_token(seq_id, end), logprob=-0.5))
         return ModelRunnerOutput(sampled)
@@ -115,8 +131,15 @@ def check_block_ownership(sched: Scheduler) -> None:
     for seq in sched.waiting:
         assert seq.block_ids == [] and seq.num_computed_tokens == 0
     assert holders == bm.ref_counts
-    free = list(bm.free_block_ids)
+    free = list(bm.free_block_ids) + list(bm.evictable)
     assert len(set(free)) == len(free)
+    # Cached (named) blocks: the name table and the blocks agree; only named ones wait
+    # for eviction.
+    for block_id, name in enumerate(bm.block_hashes):
+        if name is not None:
+            assert bm.cached_blocks[name] == block_id
+    assert len(bm.cached_blocks) == sum(h is not None for h in bm.block_hashes)
+    assert all(bm.block_hashes[b] is not None for b in bm.evictable)
     assert all(holders[b] == 0 for b in free)
     assert len(free) + sum(1 for h in holders if h) == bm.num_blocks
 
@@ -437,3 +460,135 @@ def test_accepts_real_config_objects() -> None:
     sched = Scheduler(SchedulerConfig(max_num_seqs=4), cache_config)
     sched.add_seq(make_seq(0, 20))
     assert sched.schedule().num_scheduled_tokens == {0: 20}
+
+
+# ------------------------------------------------------------------ prefix caching
+
+
+def seq_with_prompt(seq_id: int, prompt: list[int], prompt_logprobs: int | None = None):
+    params = SimpleNamespace(logprobs=None, prompt_logprobs=prompt_logprobs)
+    return Sequence(seq_id, f"req-{seq_id}", prompt, params)
+
+
+def run_to_completion(sched, worker, seqs, max_tokens) -> int:
+    for seq in seqs:
+        sched.add_seq(seq)
+    num_steps = 0
+    while sched.has_unfinished_seqs():
+        num_steps += 1
+        assert num_steps < 2000, "scheduler made no progress"
+        step(sched, worker, max_tokens)
+    return num_steps
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_shared_prefixes_with_tiny_cache_give_the_same_outputs_for_less_work(
+    chunked: bool,
+) -> None:
+    """Requests share a system prompt and some repeat whole prompts; the cache is small
+    enough that sequences are preempted and cached blocks evicted. Every output must be
+    what the 'model' gives, and caching must save computed tokens."""
+    system = [7000 + i for i in range(9)]
+    computed, preemptions = {}, {}
+    for caching in (False, True):
+        sched = make_scheduler(
+            num_blocks=14,
+            block_size=4,
+            max_num_seqs=4,
+            max_num_batched_tokens=16 if chunked else 32,
+            enable_chunked_prefill=chunked,
+            enable_prefix_caching=caching,
+        )
+        worker = FakeWorker(block_size=4)
+        seqs, max_tokens = [], {}
+        for i in range(14):
+            tail = [100 * (i % 5) + j for j in range(1 + i % 6)]
+            seqs.append(seq_with_prompt(i, system + tail))
+            max_tokens[i] = 1 + (i * 5) % 9
+        run_to_completion(sched, worker, seqs, max_tokens)
+        for seq in seqs:
+            assert seq.output_token_ids == expected_output(seq, max_tokens[seq.seq_id])
+        assert sched.block_manager.ref_counts == [0] * 14
+        computed[caching] = worker.num_computed_tokens
+        preemptions[caching] = sched.num_preemptions
+        stats = sched.get_stats()
+        if caching:
+            assert stats.prefix_cache_hits > 0
+            assert stats.prefix_cache_queries >= sum(len(s.prompt_token_ids) for s in seqs)
+        else:
+            assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (0, 0)
+    assert preemptions[False] > 0, "the cache was meant to run out"
+    assert computed[True] < computed[False]
+
+
+def test_identical_prompts_in_one_step_compute_the_prefix_once() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    worker = FakeWorker(block_size=4)
+    prompt = list(range(500, 510))
+    a, b = seq_with_prompt(0, prompt), seq_with_prompt(1, prompt)
+    sched.add_seq(a)
+    sched.add_seq(b)
+    out, _ = step(sched, worker)
+    # b is admitted in the same step with a's two full blocks, named when a was
+    # scheduled: the backend writes a's KV before any attention reads it.
+    assert out.num_scheduled_tokens == {0: 10, 1: 2}
+    (new_b,) = [n for n in out.new_seqs if n.seq_id == 1]
+    assert new_b.num_computed_tokens == 8 and new_b.block_ids[:2] == a.block_ids[:2]
+    assert sched.get_stats().prefix_cache_hits == 8
+
+
+def test_finished_request_prefix_is_reused_and_reported() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    worker = FakeWorker(block_size=4)
+    first = seq_with_prompt(0, list(range(300, 311)))
+    run_to_completion(sched, worker, [first], {0: 6})
+    # The next prompt is the first one's prompt and output (a chat's next turn) and more.
+    follow_up = seq_with_prompt(1, list(first.token_ids) + [1, 2, 3])
+    sched.add_seq(follow_up)
+    out, _ = step(sched, worker)
+    (new,) = out.new_seqs
+    # first computed 16 of its 17 tokens (its last output was sampled, never run): 4 blocks.
+    assert new.num_computed_tokens == 16
+    assert out.num_scheduled_tokens == {1: 20 - 16}
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    worker = FakeWorker(block_size=4)
+    prompt = list(range(400, 409))
+    run_to_completion(sched, worker, [seq_with_prompt(0, prompt)], {0: 1})
+    scored = seq_with_prompt(1, prompt, prompt_logprobs=0)
+    sched.add_seq(scored)
+    out, _ = step(sched, worker)
+    assert out.new_seqs[0].num_computed_tokens == 0
+    assert out.num_scheduled_tokens == {1: 9}
+
+
+def test_preempted_sequence_resumes_from_its_cached_blocks() -> None:
+    sched = make_scheduler(
+        num_blocks=6, block_size=4, max_num_batched_tokens=64, enable_prefix_caching=True
+    )
+    worker = FakeWorker(block_size=4)
+    a, b = seq_with_prompt(0, list(range(10))), seq_with_prompt(1, list(range(50, 62)))
+    sched.add_seq(a)
+    sched.add_seq(b)
+    step(sched, worker)  # a: 3 blocks, b: 3 blocks; the cache is full
+    out, _ = step(sched, worker)  # b's decode needs a 4th block: b, the newest, is preempted
+    assert 1 in out.finished_seq_ids and sched.waiting[0] is b
+    sched.finish_seq(a, SequenceStatus.FINISHED_STOPPED)
+    out, _ = step(sched, worker)
+    (new,) = out.new_seqs
+    # b's three full prompt blocks were cached: only its sampled token runs again.
+    assert new.seq_id == 1 and len(new.token_ids) == 13 and new.num_computed_tokens == 12
+    assert out.num_scheduled_tokens == {1: 1}
+
+
+def test_reset_prefix_cache_drops_unused_blocks() -> None:
+    sched = make_scheduler(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    worker = FakeWorker(block_size=4)
+    prompt = list(range(600, 609))
+    run_to_completion(sched, worker, [seq_with_prompt(0, prompt)], {0: 1})
+    assert sched.reset_prefix_cache() == 2
+    sched.add_seq(seq_with_prompt(1, prompt))
+    out, _ = step(sched, worker)
+    assert out.new_seqs[0].num_computed_tokens == 0

@@ -226,6 +226,7 @@ class CacheConfig:
     swap_space: float = 4
     kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
     # CPU KV cache budget in bytes (VLLM_CPU_KVCACHE_SPACE is in GiB, as upstream).
     cpu_kvcache_space_bytes: int | None = None
     # Filled in once workers have measured memory.

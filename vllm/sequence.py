@@ -66,6 +66,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        # Prefix-cache names of the full blocks of token_ids so far (the block manager's).
+        self.block_hashes: list[bytes] = []
         # Tokens sampled since the workers last saw this sequence (sent with the next step).
         self.pending_token_ids: list[int] = []
         # Set when the workers hold state for this sequence (cleared on preemption).

@@ -5,7 +5,8 @@ Every step mixes decodes and (chunks of) prefills under one token budget,
 the KV cache runs out the newest running sequence is preempted by recompute (its
 blocks are freed and it re-prefills later), which is cheap for short sequences and
 needs no swap space. Waiting sequences are admitted strictly FIFO so no request
-starves behind later, smaller ones.
+starves behind later, smaller ones. With prefix caching a sequence is admitted with the
+cached blocks of its longest cached prefix and computes only the rest.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ class Scheduler:
         # SchedulerConfig.__post_init__ always fills this in.
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens or 0
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
-        self.block_manager = BlockManager(cache_config.num_gpu_blocks, cache_config.block_size)
+        self.block_manager = BlockManager(
+            cache_config.num_gpu_blocks,
+            cache_config.block_size,
+            enable_prefix_caching=cache_config.enable_prefix_caching,
+        )
 
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -113,7 +118,13 @@ class Scheduler:
             num_running_reqs=len(running),
             num_waiting_reqs=len(waiting - running),
             kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+            prefix_cache_queries=bm.num_queried_tokens,
+            prefix_cache_hits=bm.num_hit_tokens,
         )
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block that no running sequence uses; return how many."""
+        return self.block_manager.reset_prefix_cache()
 
     def has_unfinished_seqs(self) -> bool:
         return bool(self.seqs)
@@ -153,7 +164,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                batch.append((seq, num_new, self.block_manager.allocate(seq, num_new)))
+                batch.append((seq, num_new, self._allocate(seq, num_new)))
                 budget -= num_new
                 i += 1
 
@@ -168,7 +179,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            batch.append((seq, num_new, self.block_manager.allocate(seq, num_new)))
+            batch.append((seq, num_new, self._allocate(seq, num_new)))
             budget -= num_new
 
         out = SchedulerOutput(finished_seq_ids=self._finished_seq_ids + preempted)
@@ -194,13 +205,23 @@ class Scheduler:
             out.num_scheduled_tokens[seq.seq_id] = num_new
         return out
 
+    def _allocate(self, seq: Sequence, num_new: int) -> list[int]:
+        """Blocks for ``seq``'s next ``num_new`` tokens; the blocks those tokens fill are
+        named in the prefix cache now, for lookups from this step on."""
+        new_block_ids = self.block_manager.allocate(seq, num_new)
+        self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
+        return new_block_ids
+
     def _prepare_admission(self, seq: Sequence, budget: int) -> int | None:
         """Tokens ``seq`` would run if admitted now, or None if it must keep waiting.
 
         A sibling (same request) that already computed the prompt lends its full
         prompt blocks, so ``n`` outputs prefill the prompt once. A sibling still
         prefilling it makes ``seq`` wait for that instead of duplicating the work.
+        Otherwise the prefix cache lends what it holds of the sequence's tokens, unless
+        the request wants prompt logprobs, which need every prompt token computed.
         """
+        bm = self.block_manager
         siblings = [
             s
             for s in self.requests[seq.request_id].values()
@@ -213,14 +234,18 @@ class Scheduler:
             if parent is None:
                 return None
             # Leave at least one prompt token to compute so the child samples its own token.
-            self.block_manager.fork(parent, seq, seq.num_prompt_tokens - 1)
+            bm.fork(parent, seq, seq.num_prompt_tokens - 1)
+        elif seq.sampling_params.prompt_logprobs is None:
+            bm.share_prefix(seq, bm.find_cached_prefix(seq))
 
         num_new = min(seq.num_uncomputed_tokens, budget)
         fits_budget = num_new == seq.num_uncomputed_tokens or self.enable_chunked_prefill
-        if not fits_budget or not self.block_manager.can_allocate(seq, num_new):
-            self.block_manager.free(seq)  # undo the fork
+        if not fits_budget or not bm.can_allocate(seq, num_new):
+            bm.free(seq)  # undo the sharing
             seq.num_computed_tokens = 0
             return None
+        if bm.enable_prefix_caching:
+            bm.record_lookup(len(seq), seq.num_computed_tokens)
         return num_new
 
     def _preempt(self, seq: Sequence) -> None:

@@ -156,6 +156,11 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
     "KV cache": [
         _arg("block_size", "Tokens per KV cache block (a power of two).", type=int),
         _arg(
+            "enable_prefix_caching",
+            "Keep the KV cache blocks of finished requests and reuse them for later prompts "
+            "that start with the same tokens (on by default, as upstream).",
+        ),
+        _arg(
             "gpu_memory_utilization",
             "Fraction of GPU memory (0-1] the engine may use for weights, activations and the "
             "KV cache; the rest is left to other processes.",

@@ -81,7 +81,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     tensor_parallel_size: int = 1
     block_size: int = 16
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool | None = True  # None: the default, as upstream's
     swap_space: float = 4
     cpu_offload_gb: float = 0
     gpu_memory_utilization: float = 0.9
@@ -187,6 +187,7 @@ class EngineArgs:
             swap_space=self.swap_space,
             kv_cache_dtype=self.kv_cache_dtype,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching is not False,
         )
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,

@@ -268,6 +268,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached KV blocks no running request uses (as upstream, True when
+        done)."""
+        self.scheduler.reset_prefix_cache()
+        return True
+
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 

@@ -52,6 +52,14 @@ class PrometheusStatLogger:
         self.kv_cache_usage = gauge(
             "vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)."
         )
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in prompt tokens looked up (admitted sequences).",
+        )
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached."
+        )
+        self._prefix_cache_totals = (0, 0)  # (queries, hits) already counted
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prompt tokens processed.")
         self.generation_tokens = counter(
             "vllm:generation_tokens", "Number of generation tokens processed."
@@ -95,6 +103,11 @@ class PrometheusStatLogger:
         self.num_requests_running.set(scheduler_stats.num_running_reqs)
         self.num_requests_waiting.set(scheduler_stats.num_waiting_reqs)
         self.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+        queries, hits = scheduler_stats.prefix_cache_queries, scheduler_stats.prefix_cache_hits
+        counted_queries, counted_hits = self._prefix_cache_totals
+        self.prefix_cache_queries.inc(queries - counted_queries)
+        self.prefix_cache_hits.inc(hits - counted_hits)
+        self._prefix_cache_totals = (queries, hits)
         if iteration_stats is None:
             return
         self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
@@ -118,6 +131,7 @@ class LoggingStatLogger:
         self._last_log = time.monotonic()
         self._prompt_tokens = 0
         self._generation_tokens = 0
+        self._prefix_cache_totals = (0, 0)  # (queries, hits) at the last log line
 
     def record(
         self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats | None
@@ -129,14 +143,22 @@ class LoggingStatLogger:
         elapsed = now - self._last_log
         if elapsed < self.interval:
             return
+        queries = scheduler_stats.prefix_cache_queries - self._prefix_cache_totals[0]
+        hits = scheduler_stats.prefix_cache_hits - self._prefix_cache_totals[1]
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%",
+            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+            "Prefix cache hit rate: %.1f%%",
             self._prompt_tokens / elapsed,
             self._generation_tokens / elapsed,
             scheduler_stats.num_running_reqs,
             scheduler_stats.num_waiting_reqs,
             scheduler_stats.kv_cache_usage * 100,
+            100 * hits / queries if queries else 0.0,
+        )
+        self._prefix_cache_totals = (
+            scheduler_stats.prefix_cache_queries,
+            scheduler_stats.prefix_cache_hits,
         )
         self._last_log = now
         self._prompt_tokens = self._generation_tokens = 0

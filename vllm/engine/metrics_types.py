@@ -17,6 +17,10 @@ class SchedulerStats:
     num_waiting_reqs: int = 0
     # Fraction of KV cache blocks in use, 0-1.
     kv_cache_usage: float = 0.0
+    # Since the engine started: tokens of admitted sequences looked up in the prefix
+    # cache, and how many of them it held.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass

@@ -208,6 +208,10 @@ class LLM:
                 bar.close()
         return [finished[r] for r in request_ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache's blocks that no running request uses."""
+        return self.llm_engine.reset_prefix_cache()
+
     def collective_rpc(
         self,
         method: str,

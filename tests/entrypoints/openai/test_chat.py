@@ -112,6 +112,26 @@ def test_tokenize_detokenize_roundtrip(server, offline_llm):
     assert back["prompt"] == text
 
 
+def test_prefix_cache_metrics_count_tokens_found_cached(server, offline_llm):
+    prompt = [300 + i for i in range(40)]  # token ids: two full 16-token blocks and a rest
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    before = server.metrics()
+    client = server.get_client()
+    texts = []
+    for _ in range(2):
+        resp = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=3, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        texts.append(resp.choices[0].text)
+    after = server.metrics()
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta["vllm:prefix_cache_queries_total"] == 80
+    assert delta["vllm:prefix_cache_hits_total"] == 32  # the second request's two blocks
+    expected = offline_llm.generate({"prompt_token_ids": prompt}, greedy)[0].outputs[0].text
+    assert texts == [expected, expected]
+
+
 def test_health_version_metrics(server):
     assert httpx.get(server.url_for("health")).status_code == 200
     assert httpx.get(server.url_for("version")).json()["version"]
