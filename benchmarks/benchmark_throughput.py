@@ -13,6 +13,12 @@ Throughput counts only the tokens each request asked for.
     python benchmarks/benchmark_throughput.py                # 32 prompts, up to 128 new tokens
     python benchmarks/benchmark_throughput.py --repeats 3    # medians of 3 interleaved runs
     python benchmarks/benchmark_throughput.py --model DIR    # an existing HF checkpoint
+
+--matrix times batch sizes x prompt lengths x dtypes on this engine, transformers and
+optionally upstream vLLM (--peer-python) on the real SmolLM2-135M (throughput_matrix.py):
+
+    python benchmarks/benchmark_throughput.py --matrix --batch-sizes 1,8 \\
+        --peer-python /work/peer-venv/bin/python
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from throughput_matrix import add_matrix_args, run_matrix
 
 
 def build_default_model(path: str) -> str:
@@ -131,7 +138,8 @@ def main() -> None:
         "--model",
         default=None,
         help="HF model directory; a random ~100M "
-        "Llama is built there if it holds no config.json (default: a temp dir)",
+        "Llama is built there if it holds no config.json (default: a temp dir; with "
+        "--matrix, SmolLM2-135M converted under --work-dir)",
     )
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--input-len-min", type=int, default=32)
@@ -149,7 +157,11 @@ def main() -> None:
         help="run each workload this many times, the two engines back to back each time "
         "(a slow spell of the machine then hits both); the table shows medians",
     )  # fmt: skip
+    add_matrix_args(parser)
     args = parser.parse_args()
+    if args.matrix:
+        run_matrix(args)
+        return
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
