@@ -59,6 +59,17 @@ def bump_first_param(worker) -> None:
     param.data.view(-1)[0] += 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def plain_16bit_weights():
+    """Keep bfloat16 weights row-major: on CPUs that multiply bfloat16 natively (AVX512-BF16,
+    AMX) linear layers otherwise repack them for oneDNN, and repacked weights are read,
+    not mapped (``test_float32_repacked_weights_are_read_unless_mmap_is_asked``)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_CPU_ONEDNN_LINEAR", "0")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, model_dirs):
     """(source dir, sharded dir saved in bfloat16 at TP=1, greedy tokens, state digest)."""
@@ -196,7 +207,8 @@ def test_mmap_false_and_verify_read_instead(saved):
         shutdown(llm)
 
 
-def test_float32_repacked_weights_are_read_unless_mmap_is_asked(model_dirs, tmp_path):
+def test_float32_repacked_weights_are_read_unless_mmap_is_asked(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_ONEDNN_LINEAR")  # repacking on, as by default
     src = model_dirs("llama")
     out = str(tmp_path / "sharded")
     prompts = random_prompts(3, ARCHS["llama"], max_len=10, seed=1)

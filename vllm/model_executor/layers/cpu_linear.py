@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vllm import _custom_ops as ops
+from vllm.utils import cpu_lacks_native_gemm
 
 # From this many rows on, a 16-bit linear layer on a CPU without native 16-bit GEMMs
 # widens its weight to float32 for torch's float32 GEMM: the GEMM is compute-bound there
@@ -78,17 +79,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def onednn_packing_enabled(dtype: torch.dtype, device: str | torch.device) -> bool:
-    """Whether ``pack_linear_weight`` repacks linear weights of this dtype and device."""
-    return (
-        torch.device(device).type == "cpu"
-        and dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and os.environ.get("VLLM_CPU_ONEDNN_LINEAR", "1") != "0"
-    )
+    """Whether ``pack_linear_weight`` repacks linear weights of this dtype and device:
+    float32 always, bfloat16 / float16 where the CPU multiplies them natively (AVX512-BF16,
+    AMX, AVX512-FP16), where oneDNN's packed GEMM is the fast one as for float32. On
+    other CPUs 16-bit weights stay row-major for ``ops.lowp_linear``."""
+    if (
+        torch.device(device).type != "cpu"
+        or not torch.backends.mkldnn.is_available()
+        or os.environ.get("VLLM_CPU_ONEDNN_LINEAR", "1") == "0"
+    ):
+        return False
+    if dtype == torch.float32:
+        return True
+    return _native_lowp_packing(dtype)
+
+
+@functools.cache
+def _native_lowp_packing(dtype: torch.dtype) -> bool:
+    supported = {
+        torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }.get(dtype)
+    return supported is not None and supported() and not cpu_lacks_native_gemm(dtype)
 
 
 def pack_linear_weight(module: nn.Module) -> None:
-    """On the CPU, hold a float32 ``module.weight`` in oneDNN's blocked layout.
+    """On the CPU, hold ``module.weight`` in oneDNN's blocked layout (float32, or a
+    16-bit dtype the CPU multiplies natively: ``onednn_packing_enabled``).
 
     Small-batch GEMMs (decode steps) run about 2x faster on it than on a plain
     row-major weight; upstream vLLM's CPU backend repacks the same way. ``state_dict()``
@@ -98,6 +115,11 @@ def pack_linear_weight(module: nn.Module) -> None:
     w = module.weight
     if w.is_mkldnn or not onednn_packing_enabled(w.dtype, w.device.type):
         return
-    packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach()), requires_grad=False)
+    packed = nn.Parameter(packed_copy(w), requires_grad=False)
     packed.__dict__.update(w.__dict__)  # keep weight_loader, output_dim, ...
     module.weight = packed
+
+
+def packed_copy(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] in oneDNN's blocked layout (new memory), for ``linear``."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())

@@ -17,7 +17,12 @@ from vllm.distributed import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from vllm.model_executor.layers.cpu_linear import linear, onednn_packing_enabled, pack_linear_weight
+from vllm.model_executor.layers.cpu_linear import (
+    linear,
+    onednn_packing_enabled,
+    pack_linear_weight,
+    packed_copy,
+)
 from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
 from vllm.model_executor.utils import LoadedWeight, copy_weight, narrow_weight, set_weight_attrs
 
@@ -119,9 +124,19 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self
 
     def process_weights_after_loading(self) -> None:
-        # A tied weight is also the embedding table, which needs the plain layout.
+        # A tied weight is also the embedding table, which needs the plain layout: the
+        # head multiplies a packed copy of it instead (as upstream's CPU backend does),
+        # outside the state dict so saved checkpoints are unchanged.
         if not getattr(self, "tied", False):
             pack_linear_weight(self)
+        elif onednn_packing_enabled(self.weight.dtype, self.weight.device):
+            self.packed_weight = packed_copy(self.weight)
+
+    @property
+    def gemm_weight(self) -> torch.Tensor:
+        """The weight the logits are computed with (a tied head's packed copy)."""
+        packed = getattr(self, "packed_weight", None)
+        return self.weight if packed is None else packed
 
     def forward(self, input_):
         raise RuntimeError("LM head weights are used through LogitsProcessor, not called.")
@@ -136,7 +151,7 @@ class LogitsProcessor(nn.Module):
         self.scale = scale
 
     def forward(self, lm_head: ParallelLMHead, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden_states, lm_head.weight, lm_head.bias)
+        logits = linear(hidden_states, lm_head.gemm_weight, lm_head.bias)
         logits = tensor_model_parallel_all_gather(logits, dim=-1)
         logits = logits[..., : self.vocab_size].float()
         if self.scale != 1.0:
