@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class ModelConfig:
     revision: str | None = None
     max_model_len: int | None = None
     quantization: str | None = None
+    # The method's parameters (e.g. deepspeedfp's group_size; default: the model config's
+    # quantization_config for that method) and whether the checkpoint holds quantized
+    # weights already (a sharded_state save of a quantized engine).
+    quantization_params: dict[str, Any] | None = None
+    quantized_checkpoint: bool = False
     enforce_eager: bool = False
     max_logprobs: int = 20
     # Where sampling defaults come from: 'auto' (the model's generation_config.json), 'vllm'
@@ -63,6 +69,7 @@ class ModelConfig:
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] = field(default_factory=dict)
     hf_config: Any = field(default=None, repr=False)
+    quant_config: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -83,9 +90,10 @@ class ModelConfig:
             logger.info("GGUF weights are dequantized to %s as they load.", self.dtype)
             self.quantization = None
         if self.quantization is not None:
-            raise ValueError(
-                f"quantization={self.quantization!r} is not supported by this build; "
-                "use quantization=None."
+            from vllm.model_executor.layers.quantization import get_quantization_config
+
+            self.quant_config = get_quantization_config(
+                self.quantization, self._quantization_params(), self.quantized_checkpoint
             )
         derived = self._derived_max_model_len()
         if self.max_model_len is None:
@@ -97,6 +105,22 @@ class ModelConfig:
             )
         elif self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")
+
+    def _quantization_params(self) -> dict[str, Any]:
+        if self.quantization_params is not None:
+            return self.quantization_params
+        hf_params = getattr(self.hf_config, "quantization_config", None) or {}
+        if isinstance(hf_params, dict) and hf_params.get("quant_method") == self.quantization:
+            return hf_params
+        return {}
+
+    def as_quantized_checkpoint(self) -> ModelConfig:
+        """This config for loading what a quantized engine saves: the quantized weights."""
+        return dataclasses.replace(
+            self,
+            quantized_checkpoint=True,
+            quantization_params=self.quant_config.to_dict() if self.quant_config else None,
+        )
 
     def _derived_max_model_len(self) -> int:
         cfg = self.hf_config

@@ -5,6 +5,7 @@ Example usage:
 
     python examples/offline_inference/save_sharded_state.py \
         --model /path/to/load \
+        --quantization deepspeedfp \
         --tensor-parallel-size 2 \
         --output /path/to/save
 
@@ -13,11 +14,14 @@ Then the model can be loaded with
     llm = LLM(
         model="/path/to/save",
         load_format="sharded_state",
+        quantization="deepspeedfp",
         tensor_parallel_size=2,
     )
 
-Every engine flag is accepted (--dtype, --quantization, ...), plus --file-pattern and
---max-file-size. The same command is available as `vllm save-sharded-state`.
+With --quantization the weights are quantized after loading and saved quantized (fp8,
+int8 or deepspeedfp); the checkpoint's manifest records the method, so quantization= may
+also be left out when loading. Every engine flag is accepted (--dtype, ...), plus
+--file-pattern and --max-file-size. The same command is available as `vllm save-sharded-state`.
 """
 
 from vllm import EngineArgs

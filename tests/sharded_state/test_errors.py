@@ -114,14 +114,24 @@ def test_no_shard_files_for_rank(ckpt):
             "tensor_parallel_size=2",
         ),
         ({}, {"dtype": "bfloat16"}, "dtype=float32, but the engine uses dtype=bfloat16"),
-        ({"quantization": "fp8"}, {}, "quantization='fp8', but the engine uses quantization=None"),
+        (
+            {},
+            {"quantization": "fp8"},
+            "saved with quantization=None .its sharded_state.json., but quantization='fp8' "
+            "was passed; pass quantization=None or leave it unset",
+        ),
+        (
+            {"quantization": "int8"},
+            {"quantization": "fp8"},
+            "saved with quantization='int8' .its sharded_state.json., but quantization='fp8'",
+        ),
         (
             {"architecture": "GPT2LMHeadModel"},
             {},
             "from architecture GPT2LMHeadModel, but its config names LlamaForCausalLM",
         ),
     ],
-    ids=["tp", "dtype", "quantization", "architecture"],
+    ids=["tp", "dtype", "quantization", "other-quantization", "architecture"],
 )
 def test_configuration_mismatch_names_both_values(ckpt, change, kwargs, message):
     _edit_manifest(ckpt, **change)

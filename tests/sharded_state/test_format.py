@@ -265,8 +265,8 @@ def test_manifest_is_json_with_a_line_per_tensor():
     data = json.loads(text)
     assert list(data) == [
         "format", "format_version", "architecture", "tensor_parallel_size",
-        "pipeline_parallel_size", "dtype", "quantization", "pattern", "checksum", "files",
-        "tensors",
+        "pipeline_parallel_size", "dtype", "quantization", "quantization_config", "pattern",
+        "checksum", "files", "tensors",
     ]  # fmt: skip
     assert data["files"]["model-rank-0-part-0.safetensors"]["crc32"] == "deadbeef"
     assert data["tensors"]["layers.0.w"]["local_shapes"] == [[2, 0], [2, 1]]

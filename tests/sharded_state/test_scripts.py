@@ -154,3 +154,20 @@ def test_bad_save_options_are_refused_before_loading(model_dirs, tmp_path, flags
     assert not out.exists()
     with pytest.raises(ValueError, match="it is the root directory"):  # the target, too
         cli_main(["save-sharded-state", "--model", str(no_weights), "-o", "/"])
+
+
+def test_example_script_quantization_as_its_usage_text(model_dirs, tmp_path):
+    """The example's own usage: ``--quantization deepspeedfp --tensor-parallel-size N``,
+    then ``LLM(model=out, load_format="sharded_state", quantization="deepspeedfp",
+    tensor_parallel_size=N)``, which must give the quantize-after-load engine's tokens."""
+    model, out = model_dirs("llama"), str(tmp_path / "out")
+    _run([sys.executable, EXAMPLE, "--model", model, "--quantization", "deepspeedfp",
+          "--tensor-parallel-size", "2", "--output", out, *ENGINE_FLAGS])  # fmt: skip
+    with open(os.path.join(out, "sharded_state.json")) as f:
+        assert json.load(f)["quantization"] == "deepspeedfp"
+    llm = make_llm(model, 2, quantization="deepspeedfp", device=DEVICE)
+    expected = greedy(llm, PROMPTS)
+    shutdown(llm)
+    llm = make_llm(out, 2, load_format="sharded_state", quantization="deepspeedfp", device=DEVICE)
+    assert greedy(llm, PROMPTS) == expected
+    shutdown(llm)

@@ -85,10 +85,14 @@ def get_tensor_model_parallel_world_size() -> int:
     return _INFO.world_size
 
 
-def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def tensor_model_parallel_all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``x`` over the ranks in place (``op``: "sum" or "max"); returns it."""
     if _INFO.world_size == 1:
         return x
-    dist.all_reduce(x)
+    dist.all_reduce(x, op=_REDUCE_OPS[op])
     return x
 
 

@@ -101,8 +101,12 @@ _CLI_ARGS: dict[str, list[_Arg]] = {
         ),
         _arg(
             "quantization",
-            "Quantization method of the weights. Not supported: leave unset.",
+            "Quantize the linear layers' weights after loading: 'fp8' (E4M3, a scale per "
+            "output channel), 'int8' (a scale per output channel) or 'deepspeedfp' (8-bit "
+            "floats, a scale per group of columns); 'gguf' for a GGUF file. A sharded_state "
+            "checkpoint saved quantized loads quantized without it.",
             "-q",
+            choices=["fp8", "int8", "deepspeedfp", "gguf"],
         ),
         _arg("seed", "Random seed for sampling.", type=int),
         _arg(

@@ -165,6 +165,9 @@ class EngineArgs:
             )
         check_unsupported_args(self)
         load_format = self._resolve_load_format()
+        quantization, quantization_params, quantized_checkpoint = self._resolve_quantization(
+            load_format
+        )
 
         model_config = ModelConfig(
             model=self.model,
@@ -175,7 +178,9 @@ class EngineArgs:
             seed=0 if self.seed is None else self.seed,  # upstream's LLM passes None
             revision=self.revision,
             max_model_len=self.max_model_len,
-            quantization=self.quantization,
+            quantization=quantization,
+            quantization_params=quantization_params,
+            quantized_checkpoint=quantized_checkpoint,
             enforce_eager=self.enforce_eager,
             max_logprobs=self.max_logprobs,
             generation_config=self.generation_config,
@@ -218,6 +223,29 @@ class EngineArgs:
             load_config=load_config,
             device_config=device_config,
         )
+
+    def _resolve_quantization(self, load_format: str) -> tuple[str | None, dict | None, bool]:
+        """(method, its parameters, whether the checkpoint holds quantized weights).
+
+        A sharded_state checkpoint holds what its engine ran: a manifest names the method
+        (then ``quantization=`` may be left out), and shards saved by upstream without one
+        are quantized when ``quantization=`` is given.
+        """
+        if load_format != "sharded_state":
+            return self.quantization, None, False
+        from vllm.model_executor.model_loader.sharded_state.manifest import read_manifest
+
+        manifest = read_manifest(self.model) if os.path.isdir(self.model) else None
+        if manifest is None:
+            return self.quantization, None, self.quantization is not None
+        saved = manifest.quantization
+        if self.quantization is not None and self.quantization != saved:
+            raise ValueError(
+                f"{self.model} was saved with quantization={saved!r} (its sharded_state.json), "
+                f"but quantization={self.quantization!r} was passed; pass "
+                f"quantization={saved!r} or leave it unset."
+            )
+        return saved, manifest.quantization_config, saved is not None
 
     def _resolve_load_format(self) -> str:
         """'auto' reads a ``.gguf`` model file as 'gguf', as upstream infers it from the

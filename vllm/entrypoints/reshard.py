@@ -252,6 +252,7 @@ def _sharded_writer(
             "pipeline_parallel_size": manifest.pipeline_parallel_size,
             "dtype": manifest.dtype,
             "quantization": manifest.quantization,
+            "quantization_config": manifest.quantization_config,
         }
         tensors = [
             SavedTensor(
@@ -312,6 +313,7 @@ def _layout_from_model(
         "pipeline_parallel_size": 1,
         "dtype": str(dtype).removeprefix("torch."),
         "quantization": model_config.quantization,
+        "quantization_config": None,
     }
     return tensors, info
 

@@ -19,6 +19,7 @@ from vllm.distributed import (
     tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.cpu_linear import linear, onednn_packing_enabled, pack_linear_weight
+from vllm.model_executor.layers.quantization import LinearMethodBase, QuantizationConfig
 from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
 from vllm.model_executor.utils import (
     LoadedWeight,
@@ -38,17 +39,54 @@ def divide(numerator: int, denominator: int, what: str = "size") -> int:
     return numerator // denominator
 
 
+class UnquantizedLinearMethod(LinearMethodBase):
+    """The weight in the model's dtype; on the CPU repacked for oneDNN where that is
+    faster (``cpu_linear``)."""
+
+    def __init__(self, params_dtype: torch.dtype) -> None:
+        self.params_dtype = params_dtype
+        self.repacks_weights = onednn_packing_enabled(params_dtype, torch.get_default_device())
+
+    def create_weights(
+        self, layer: nn.Module, out_features: int, in_features: int, weight_attrs, spec
+    ) -> None:
+        layer.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=self.params_dtype), requires_grad=False
+        )
+        set_weight_attrs(layer.weight, {"shard_spec": spec, **weight_attrs})
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pack_linear_weight(layer)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return linear(x, layer.weight, bias)
+
+
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, params_dtype=None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
+    ):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
         self.params_dtype = params_dtype or torch.get_default_dtype()
         self.tp_rank = get_tensor_model_parallel_rank()
         self.tp_size = get_tensor_model_parallel_world_size()
+        self.quant_method: LinearMethodBase = (
+            UnquantizedLinearMethod(self.params_dtype)
+            if quant_config is None
+            else quant_config.get_linear_method(self.params_dtype)
+        )
         # Whether process_weights_after_loading gives the weight new memory (the loader
         # then reads into the parameters instead of laying them out as the file).
-        self.repacks_weights = onednn_packing_enabled(self.params_dtype, torch.get_default_device())
+        self.repacks_weights = self.quant_method.repacks_weights
 
     def _make_params(
         self,
@@ -60,11 +98,8 @@ class LinearBase(nn.Module):
         bias_spec: ShardSpec,
     ) -> None:
         """``spec``/``bias_spec``: how the weight and the bias are sharded."""
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=self.params_dtype), requires_grad=False
-        )
-        set_weight_attrs(
-            self.weight, {"weight_loader": self.weight_loader, "shard_spec": spec, **attrs}
+        self.quant_method.create_weights(
+            self, out_features, in_features, {"weight_loader": self.weight_loader, **attrs}, spec
         )
         if bias:
             self.bias = nn.Parameter(
@@ -79,12 +114,19 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def process_weights_after_loading(self) -> None:
-        pack_linear_weight(self)
+        self.quant_method.process_weights_after_loading(self)
 
 
 class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = True, params_dtype=None):
-        super().__init__(input_size, output_size, bias, params_dtype)
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = True,
+        params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
+    ):
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config)
         replicated = ShardSpec.replicated()
         self._make_params(output_size, input_size, bias, {}, replicated, replicated)
 
@@ -92,7 +134,7 @@ class ReplicatedLinear(LinearBase):
         copy_weight(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -105,8 +147,9 @@ class ColumnParallelLinear(LinearBase):
         bias: bool = True,
         gather_output: bool = False,
         params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
     ):
-        super().__init__(input_size, output_size, bias, params_dtype)
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config)
         self.gather_output = gather_output
         self.output_size_per_partition = divide(output_size, self.tp_size, "output size")
         spec = ShardSpec(0, self.output_segments())  # the bias splits like the weight
@@ -131,7 +174,7 @@ class ColumnParallelLinear(LinearBase):
         copy_weight(param.data, src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -148,9 +191,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         bias: bool = True,
         gather_output: bool = False,
         params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
     ):
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, gather_output, params_dtype)
+        super().__init__(
+            input_size, sum(output_sizes), bias, gather_output, params_dtype, quant_config
+        )
 
     def output_segments(self) -> tuple[Segment, ...]:
         return tuple(Segment(size) for size in self.output_sizes)
@@ -193,6 +239,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         total_num_kv_heads: int | None = None,
         bias: bool = True,
         params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
     ):
         tp_size = get_tensor_model_parallel_world_size()
         self.head_size = head_size
@@ -207,7 +254,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = divide(self.total_num_kv_heads, tp_size, "number of KV heads")
             self.num_kv_head_replicas = 1
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
-        super().__init__(hidden_size, output_size, bias, False, params_dtype)
+        super().__init__(hidden_size, output_size, bias, False, params_dtype, quant_config)
 
     def output_segments(self) -> tuple[Segment, ...]:
         # Whole heads per rank; KV heads replicated when ranks outnumber them.
@@ -261,8 +308,9 @@ class RowParallelLinear(LinearBase):
         input_is_parallel: bool = True,
         reduce_results: bool = True,
         params_dtype=None,
+        quant_config: QuantizationConfig | None = None,
     ):
-        super().__init__(input_size, output_size, bias, params_dtype)
+        super().__init__(input_size, output_size, bias, params_dtype, quant_config)
         self.input_is_parallel = input_is_parallel
         self.reduce_results = reduce_results
         self.input_size_per_partition = divide(input_size, self.tp_size, "input size")
@@ -292,7 +340,7 @@ class RowParallelLinear(LinearBase):
         copy_weight(param.data, src)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = self.quant_method.apply(self, x)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:

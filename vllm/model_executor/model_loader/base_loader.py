@@ -62,7 +62,7 @@ def initialize_model(model_config: ModelConfig, device: torch.device) -> nn.Modu
     # a large part of the construction time of a model of many tensors.
     with gc_paused():
         with set_default_torch_dtype(model_config.dtype), device:
-            model = model_cls(model_config.hf_config).eval()
+            model = model_cls(model_config.hf_config, model_config.quant_config).eval()
         # Out of the device context, whose mode intercepts every torch call.
         state = filter_subtensors(model.state_dict(keep_vars=True))
         record_initial_state(model, state)  # what save_sharded_state must write for it to load

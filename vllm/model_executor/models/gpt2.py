@@ -14,6 +14,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     LogitsProcessor,
     ParallelLMHead,
@@ -26,13 +27,17 @@ _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None = None):
         super().__init__()
         hidden_size = config.hidden_size
         total_num_heads = config.num_attention_heads
         self.head_dim = hidden_size // total_num_heads
-        self.c_attn = QKVParallelLinear(hidden_size, self.head_dim, total_num_heads, bias=True)
-        self.c_proj = RowParallelLinear(hidden_size, hidden_size, bias=True)
+        self.c_attn = QKVParallelLinear(
+            hidden_size, self.head_dim, total_num_heads, bias=True, quant_config=quant_config
+        )
+        self.c_proj = RowParallelLinear(
+            hidden_size, hidden_size, bias=True, quant_config=quant_config
+        )
         self.num_heads = self.c_attn.num_heads  # total_num_heads // tp_size
         self.q_size = self.c_attn.q_size
         scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
@@ -47,10 +52,16 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, intermediate_size: int, config):
+    def __init__(
+        self, intermediate_size: int, config, quant_config: QuantizationConfig | None = None
+    ):
         super().__init__()
-        self.c_fc = ColumnParallelLinear(config.hidden_size, intermediate_size, bias=True)
-        self.c_proj = RowParallelLinear(intermediate_size, config.hidden_size, bias=True)
+        self.c_fc = ColumnParallelLinear(
+            config.hidden_size, intermediate_size, bias=True, quant_config=quant_config
+        )
+        self.c_proj = RowParallelLinear(
+            intermediate_size, config.hidden_size, bias=True, quant_config=quant_config
+        )
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,14 +69,14 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, quant_config: QuantizationConfig | None = None):
         super().__init__()
         hidden_size = config.hidden_size
         inner_dim = getattr(config, "n_inner", None) or 4 * hidden_size
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.attn = GPT2Attention(config, layer_idx)
+        self.attn = GPT2Attention(config, layer_idx, quant_config)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(inner_dim, config)
+        self.mlp = GPT2MLP(inner_dim, config, quant_config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states))
@@ -73,11 +84,13 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(
+            GPT2Block(config, i, quant_config) for i in range(config.num_hidden_layers)
+        )
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -88,11 +101,11 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
         self.tied = getattr(config, "tie_word_embeddings", True)
-        self.transformer = GPT2Model(config)
+        self.transformer = GPT2Model(config, quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tied:
             self.lm_head.tie_weights(self.transformer.wte)

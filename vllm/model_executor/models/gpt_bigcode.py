@@ -14,6 +14,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     LogitsProcessor,
     ParallelLMHead,
@@ -24,7 +25,7 @@ from vllm.model_executor.utils import LoadedWeight, materialize
 
 
 class GPTBigCodeAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         hidden_size = config.hidden_size
         total_num_heads = config.num_attention_heads
@@ -32,9 +33,16 @@ class GPTBigCodeAttention(nn.Module):
         total_num_kv_heads = 1 if config.multi_query else total_num_heads
         self.head_dim = hidden_size // total_num_heads
         self.c_attn = QKVParallelLinear(
-            hidden_size, self.head_dim, total_num_heads, total_num_kv_heads, bias=True
+            hidden_size,
+            self.head_dim,
+            total_num_heads,
+            total_num_kv_heads,
+            bias=True,
+            quant_config=quant_config,
         )
-        self.c_proj = RowParallelLinear(hidden_size, hidden_size, bias=True)
+        self.c_proj = RowParallelLinear(
+            hidden_size, hidden_size, bias=True, quant_config=quant_config
+        )
         self.num_heads = self.c_attn.num_heads  # total_num_heads // tp_size
         self.num_kv_heads = self.c_attn.num_kv_heads
         self.q_size = self.c_attn.q_size
@@ -49,10 +57,16 @@ class GPTBigCodeAttention(nn.Module):
 
 
 class GPTBigCodeMLP(nn.Module):
-    def __init__(self, intermediate_size: int, config):
+    def __init__(
+        self, intermediate_size: int, config, quant_config: QuantizationConfig | None = None
+    ):
         super().__init__()
-        self.c_fc = ColumnParallelLinear(config.hidden_size, intermediate_size, bias=True)
-        self.c_proj = RowParallelLinear(intermediate_size, config.hidden_size, bias=True)
+        self.c_fc = ColumnParallelLinear(
+            config.hidden_size, intermediate_size, bias=True, quant_config=quant_config
+        )
+        self.c_proj = RowParallelLinear(
+            intermediate_size, config.hidden_size, bias=True, quant_config=quant_config
+        )
         self.act = get_act_fn(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,14 +74,14 @@ class GPTBigCodeMLP(nn.Module):
 
 
 class GPTBigCodeBlock(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         hidden_size = config.hidden_size
         inner_dim = getattr(config, "n_inner", None) or 4 * hidden_size
         self.ln_1 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.attn = GPTBigCodeAttention(config)
+        self.attn = GPTBigCodeAttention(config, quant_config)
         self.ln_2 = nn.LayerNorm(hidden_size, eps=config.layer_norm_epsilon)
-        self.mlp = GPTBigCodeMLP(inner_dim, config)
+        self.mlp = GPTBigCodeMLP(inner_dim, config, quant_config)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = hidden_states + self.attn(self.ln_1(hidden_states))
@@ -75,11 +89,13 @@ class GPTBigCodeBlock(nn.Module):
 
 
 class GPTBigCodeModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.h = nn.ModuleList(GPTBigCodeBlock(config) for _ in range(config.num_hidden_layers))
+        self.h = nn.ModuleList(
+            GPTBigCodeBlock(config, quant_config) for _ in range(config.num_hidden_layers)
+        )
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -90,11 +106,11 @@ class GPTBigCodeModel(nn.Module):
 
 
 class GPTBigCodeForCausalLM(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
         self.tied = getattr(config, "tie_word_embeddings", True)
-        self.transformer = GPTBigCodeModel(config)
+        self.transformer = GPTBigCodeModel(config, quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if self.tied:
             self.lm_head.tie_weights(self.transformer.wte)

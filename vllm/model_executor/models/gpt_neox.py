@@ -15,6 +15,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     LogitsProcessor,
@@ -26,16 +27,22 @@ from vllm.model_executor.utils import LoadedWeight, materialize
 
 
 class GPTNeoXAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.total_num_heads = config.num_attention_heads
         self.head_size = config.hidden_size // self.total_num_heads
         bias = getattr(config, "attention_bias", True)
         self.query_key_value = QKVParallelLinear(
-            config.hidden_size, self.head_size, self.total_num_heads, bias=bias
+            config.hidden_size,
+            self.head_size,
+            self.total_num_heads,
+            bias=bias,
+            quant_config=quant_config,
         )
-        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=bias)
+        self.dense = RowParallelLinear(
+            config.hidden_size, config.hidden_size, bias=bias, quant_config=quant_config
+        )
         self.num_heads = self.total_num_heads // tp_size
         self.q_size = self.query_key_value.q_size
         self.rotary_emb = get_rope(config, self.head_size, config.max_position_embeddings)
@@ -49,10 +56,14 @@ class GPTNeoXAttention(nn.Module):
 
 
 class GPTNeoXMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = ColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, quant_config=quant_config
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, quant_config=quant_config
+        )
         self.act = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +71,13 @@ class GPTNeoXMLP(nn.Module):
 
 
 class GPTNeoXLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.use_parallel_residual = config.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = GPTNeoXAttention(config)
-        self.mlp = GPTNeoXMLP(config)
+        self.attention = GPTNeoXAttention(config, quant_config)
+        self.mlp = GPTNeoXMLP(config, quant_config)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         attn_output = self.attention(positions, self.input_layernorm(hidden_states))
@@ -80,10 +91,12 @@ class GPTNeoXLayer(nn.Module):
 
 
 class GPTNeoXModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.embed_in = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            GPTNeoXLayer(config, quant_config) for _ in range(config.num_hidden_layers)
+        )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -94,10 +107,10 @@ class GPTNeoXModel(nn.Module):
 
 
 class GPTNeoXForCausalLM(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        self.gpt_neox = GPTNeoXModel(config)
+        self.gpt_neox = GPTNeoXModel(config, quant_config)
         self.embed_out = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.embed_out.tie_weights(self.gpt_neox.embed_in)

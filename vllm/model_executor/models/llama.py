@@ -16,6 +16,7 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     LogitsProcessor,
@@ -26,10 +27,20 @@ from vllm.model_executor.models.utils import load_weights_by_name
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        quant_config: QuantizationConfig | None = None,
+    ):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias, quant_config=quant_config
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias, quant_config=quant_config
+        )
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +48,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(
+        self, config, qkv_bias: bool, o_bias: bool, quant_config: QuantizationConfig | None = None
+    ):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         self.total_num_heads = config.num_attention_heads
@@ -53,9 +66,13 @@ class LlamaAttention(nn.Module):
             self.total_num_heads,
             self.total_num_kv_heads,
             bias=qkv_bias,
+            quant_config=quant_config,
         )
         self.o_proj = RowParallelLinear(
-            self.total_num_heads * self.head_dim, config.hidden_size, bias=o_bias
+            self.total_num_heads * self.head_dim,
+            config.hidden_size,
+            bias=o_bias,
+            quant_config=quant_config,
         )
         self.num_heads = self.total_num_heads // tp_size
         self.num_kv_heads = self.qkv_proj.num_kv_heads
@@ -72,12 +89,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, qkv_bias: bool):
+    def __init__(self, config, qkv_bias: bool, quant_config: QuantizationConfig | None = None):
         super().__init__()
         attention_bias = getattr(config, "attention_bias", False)
-        self.self_attn = LlamaAttention(config, qkv_bias or attention_bias, attention_bias)
+        self.self_attn = LlamaAttention(
+            config, qkv_bias or attention_bias, attention_bias, quant_config
+        )
         self.mlp = LlamaMLP(
-            config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False)
+            config.hidden_size,
+            config.intermediate_size,
+            getattr(config, "mlp_bias", False),
+            quant_config,
         )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -94,11 +116,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool = False):
+    def __init__(
+        self, config, qkv_bias: bool = False, quant_config: QuantizationConfig | None = None
+    ):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, qkv_bias) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, qkv_bias, quant_config)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -122,10 +147,10 @@ class LlamaForCausalLM(nn.Module):
     ]
     qkv_bias = False
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.qkv_bias)
+        self.model = LlamaModel(config, self.qkv_bias, quant_config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)

@@ -16,6 +16,7 @@ from vllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     LogitsProcessor,
     ParallelLMHead,
@@ -39,16 +40,22 @@ class OPTLearnedPositionalEmbedding(nn.Embedding):
 
 
 class OPTAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
         embed_dim = config.hidden_size
         self.total_num_heads = config.num_attention_heads
         self.head_dim = embed_dim // self.total_num_heads
         self.qkv_proj = QKVParallelLinear(
-            embed_dim, self.head_dim, self.total_num_heads, bias=config.enable_bias
+            embed_dim,
+            self.head_dim,
+            self.total_num_heads,
+            bias=config.enable_bias,
+            quant_config=quant_config,
         )
-        self.out_proj = RowParallelLinear(embed_dim, embed_dim, bias=config.enable_bias)
+        self.out_proj = RowParallelLinear(
+            embed_dim, embed_dim, bias=config.enable_bias, quant_config=quant_config
+        )
         self.num_heads = self.total_num_heads // tp_size
         self.q_size = self.qkv_proj.q_size
         # transformers multiplies q by head_dim**-0.5 after q_proj; same result as the scale.
@@ -60,15 +67,19 @@ class OPTAttention(nn.Module):
 
 
 class OPTDecoderLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.do_layer_norm_before = config.do_layer_norm_before
         affine = config.layer_norm_elementwise_affine
-        self.self_attn = OPTAttention(config)
+        self.self_attn = OPTAttention(config, quant_config)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
-        self.fc1 = ColumnParallelLinear(config.hidden_size, config.ffn_dim, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(
+            config.hidden_size, config.ffn_dim, bias=config.enable_bias, quant_config=quant_config
+        )
         self.activation_fn = get_act_fn(config.activation_function)
-        self.fc2 = RowParallelLinear(config.ffn_dim, config.hidden_size, bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(
+            config.ffn_dim, config.hidden_size, bias=config.enable_bias, quant_config=quant_config
+        )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, elementwise_affine=affine)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -90,7 +101,7 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         proj_dim = config.word_embed_proj_dim
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, proj_dim)
@@ -99,8 +110,12 @@ class OPTDecoder(nn.Module):
         )
         # Smaller word embeddings than the hidden size (OPT-350m) are projected in and out.
         if proj_dim != config.hidden_size:
-            self.project_in = ReplicatedLinear(proj_dim, config.hidden_size, bias=False)
-            self.project_out = ReplicatedLinear(config.hidden_size, proj_dim, bias=False)
+            self.project_in = ReplicatedLinear(
+                proj_dim, config.hidden_size, bias=False, quant_config=quant_config
+            )
+            self.project_out = ReplicatedLinear(
+                config.hidden_size, proj_dim, bias=False, quant_config=quant_config
+            )
         else:
             self.project_in = self.project_out = None
         # Post-LN models (do_layer_norm_before=False) normalise inside each layer only.
@@ -111,7 +126,7 @@ class OPTDecoder(nn.Module):
         else:
             self.final_layer_norm = None
         self.layers = nn.ModuleList(
-            OPTDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            OPTDecoderLayer(config, quant_config) for _ in range(config.num_hidden_layers)
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -129,9 +144,9 @@ class OPTDecoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
-        self.decoder = OPTDecoder(config)
+        self.decoder = OPTDecoder(config, quant_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.decoder(input_ids, positions)
@@ -144,10 +159,10 @@ class OPTForCausalLM(nn.Module):
         ("qkv_proj", "v_proj", "v"),
     ]
 
-    def __init__(self, config):
+    def __init__(self, config, quant_config: QuantizationConfig | None = None):
         super().__init__()
         self.config = config
-        self.model = OPTModel(config)
+        self.model = OPTModel(config, quant_config)
         # The LM head reads word_embed_proj_dim features (after project_out).
         self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
         if getattr(config, "tie_word_embeddings", True):

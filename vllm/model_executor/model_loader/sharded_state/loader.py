@@ -389,8 +389,14 @@ def _check_saved_specs(
             continue  # an older manifest: the saved shapes are checked while reading
         spec = get_shard_spec(t)
         if saved.shard_spec != spec.to_json():
+            why = ""
+            if manifest.quantization is not None and name.endswith("weight_scale"):
+                why = (
+                    f" Its {manifest.quantization} scale groups, each within one rank's "
+                    "columns, do not line up with this tensor_parallel_size's."
+                )
             raise ShardFileError(
                 f"{name} was saved split as {saved.shard_spec} (see {model_dir}/"
                 f"{MANIFEST_NAME}), but this model splits it as {spec.to_json()}: it cannot "
-                "be resharded. Load it at the tensor_parallel_size it was saved with."
+                f"be resharded.{why} Load it at the tensor_parallel_size it was saved with."
             )

@@ -155,6 +155,8 @@ class Manifest:
     files: dict[str, ManifestFile]
     tensors: dict[str, ManifestTensor]
     format_version: int = FORMAT_VERSION
+    # The quantization method's parameters (``QuantizationConfig.to_dict``).
+    quantization_config: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The manifest as JSON with one line per file and per tensor: readable and
@@ -168,6 +170,7 @@ class Manifest:
             "pipeline_parallel_size": self.pipeline_parallel_size,
             "dtype": self.dtype,
             "quantization": self.quantization,
+            "quantization_config": self.quantization_config,
             "pattern": self.pattern,
             "checksum": "crc32",
         }
@@ -220,6 +223,7 @@ class Manifest:
             pipeline_parallel_size=data.get("pipeline_parallel_size"),
             dtype=data.get("dtype"),
             quantization=data.get("quantization"),
+            quantization_config=data.get("quantization_config"),
             pattern=pattern,
             files=files,
             tensors={name: _tensor_from_json(name, info) for name, info in tensors.items()},
@@ -241,7 +245,7 @@ class Manifest:
                 f"{FORMAT_VERSION}. Upgrade vllm, or save the checkpoint again with this build."
             )
         engine = engine_config_info(vllm_config)
-        saved = {key: getattr(self, key) for key in engine}
+        saved = {key: getattr(self, key) for key in engine if key != "quantization_config"}
         no_reshard = "Resharding is not supported yet"
         if saved["architecture"] != engine["architecture"]:
             raise ValueError(
@@ -264,8 +268,9 @@ class Manifest:
         if saved["quantization"] != engine["quantization"]:
             raise ValueError(
                 f"{model_dir} was saved with quantization={saved['quantization']!r}, but the "
-                f"engine uses quantization={engine['quantization']!r}. {no_reshard}: load it with "
-                f"quantization={saved['quantization']!r}."
+                f"engine uses quantization={engine['quantization']!r}: load it with "
+                f"quantization={saved['quantization']!r}, or without quantization= (the "
+                "manifest's is then used)."
             )
 
 
@@ -316,4 +321,5 @@ def engine_config_info(vllm_config: VllmConfig) -> dict[str, Any]:
         "pipeline_parallel_size": vllm_config.parallel_config.pipeline_parallel_size,
         "dtype": dtype_name(mc.dtype),
         "quantization": mc.quantization,
+        "quantization_config": mc.quant_config.to_dict() if mc.quant_config else None,
     }

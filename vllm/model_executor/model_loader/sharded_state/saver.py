@@ -236,13 +236,19 @@ def expected_state(model: nn.Module, vllm_config: VllmConfig | None) -> dict[str
     """(shape, dtype) of every tensor a sharded-state load will ask for: what the model
     held when it was built (recorded by ``initialize_model``), else what a rebuild on the
     meta device holds."""
+    model_config = vllm_config.model_config if vllm_config is not None else None
+    quant_config = model_config.quant_config if model_config is not None else None
+    # Weights quantized after loading are saved quantized: a load builds the model so.
+    quantized_after_load = quant_config is not None and not quant_config.checkpoint_is_quantized
     recorded = getattr(model, INITIAL_STATE_ATTR, None)
-    if recorded is not None:
+    if recorded is not None and not quantized_after_load:
         return recorded
     try:
         meta = torch.device("meta")
-        if vllm_config is not None:
-            fresh = initialize_model(vllm_config.model_config, meta)
+        if model_config is not None:
+            if quantized_after_load:
+                model_config = model_config.as_quantized_checkpoint()
+            fresh = initialize_model(model_config, meta)
         else:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
             with set_default_torch_dtype(dtype or torch.get_default_dtype()), meta:
@@ -331,6 +337,7 @@ def manifest_info(model: nn.Module, world: int, vllm_config: VllmConfig | None) 
         "pipeline_parallel_size": 1,
         "dtype": dtype_name(dtype or torch.get_default_dtype()),
         "quantization": None,
+        "quantization_config": None,
     }
 
 
