@@ -11,6 +11,7 @@ from vllm.model_executor.layers.quantization.weight8 import (
     Weight8Format,
     codes_to_float,
     dequantize,
+    num_groups,
     quantize,
     weight8_linear,
 )
@@ -88,3 +89,13 @@ def test_tiled_linear_matches_dequantize_then_matmul(name, dtype, rows) -> None:
     magnitude = (x.abs() @ dequantize(codes, scale, torch.float32).abs().T).amax()
     tol = 1e-5 * magnitude if dtype == torch.float32 else 4 * 2**-8 * magnitude
     assert (out.float() - reference).abs().max() <= tol
+
+
+def test_groups_are_equal_and_never_longer_than_group_size() -> None:
+    fmt = Weight8Format(torch.float8_e4m3fn, group_size=512)
+    assert num_groups(fmt, 512) == 1 and num_groups(fmt, 100) == 1  # one group per row
+    assert num_groups(fmt, 2048) == 4
+    assert num_groups(fmt, 576) == 2  # SmolLM2's hidden size: two groups of 288
+    assert num_groups(fmt, 513) == 3  # groups of 171
+    with pytest.raises(ValueError, match="521 input columns .* only as groups of 1;"):
+        num_groups(fmt, 521)  # a prime

@@ -44,17 +44,23 @@ class Weight8Format:
 
 
 def num_groups(fmt: Weight8Format, in_features: int, what: str = "weight") -> int:
-    """Scales per output channel of a [*, in_features] weight in ``fmt``: groups of
-    ``group_size`` columns, or one for the row where it is no longer than a group."""
+    """Scales per output channel of a [*, in_features] weight in ``fmt``.
+
+    Groups are equal and never cross the row: ``group_size`` columns where that divides
+    the row, else the largest size below it that does (576 columns in groups of 512 are
+    two groups of 288). The groups of two TP sizes then coincide exactly when their
+    counts over the whole row do, which is what resharding compares.
+    """
     if fmt.group_size is None or in_features <= fmt.group_size:
         return 1
-    if in_features % fmt.group_size:
+    size = next(g for g in range(fmt.group_size, 0, -1) if in_features % g == 0)
+    if size * 16 < fmt.group_size:
         raise ValueError(
-            f"{what} has {in_features} input columns on this rank, which groups of "
-            f"group_size={fmt.group_size} do not divide; use a group_size that divides "
-            f"{in_features}."
+            f"{what} has {in_features} input columns on this rank, which split into equal "
+            f"groups of at most group_size={fmt.group_size} only as groups of {size}; use a "
+            f"group_size near a divisor of {in_features}."
         )
-    return in_features // fmt.group_size
+    return in_features // size
 
 
 def quantize(
