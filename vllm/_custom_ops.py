@@ -377,6 +377,38 @@ def lowp_linear(
     return out
 
 
+_W8_CODES = {torch.int8: 0, torch.float8_e4m3fn: 1}
+
+
+def w8_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` [M, K] (float32/bfloat16/float16, rows may be strided) times 8-bit weights
+    ``codes`` [N, K] (int8 or float8 E4M3, contiguous) scaled by ``scale`` [N, G] float32
+    in G equal groups of columns, plus ``bias``; summed in float32. Returns [M, N]."""
+    n, k = codes.shape
+    _check(
+        x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1 and x.dtype in _DTYPE_CODES
+        and codes.dtype in _W8_CODES and codes.is_contiguous()
+        and scale.dtype == torch.float32 and scale.is_contiguous() and scale.dim() == 2
+        and scale.shape[0] == n and k % scale.shape[1] == 0
+        and (bias is None
+             or (bias.dtype == x.dtype and bias.shape == (n,) and bias.is_contiguous())),
+        "w8_linear",
+        lambda: f"got x {x.dtype} {list(x.shape)}, codes {codes.dtype} {list(codes.shape)}, "
+        f"scale {scale.dtype} {list(scale.shape)}",
+    )  # fmt: skip
+    if x.shape[0] > 1 and x.stride(0) < k:
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    _C.w8_linear(
+        out.data_ptr(), x.data_ptr(), codes.data_ptr(), scale.data_ptr(),
+        0 if bias is None else bias.data_ptr(), x.shape[0], n, k, scale.shape[1], n,
+        x.stride(0), _W8_CODES[codes.dtype], _DTYPE_CODES[x.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def decode_kernel_supports(head_size: int, dtype: torch.dtype) -> bool:
     """Whether ``paged_attention_decode`` takes this head size and dtype (built or not)."""
     return head_size % 8 == 0 and head_size <= _MAX_HEAD_SIZE and dtype in _DTYPE_CODES

@@ -182,5 +182,6 @@ PyObject *vllm_rotary_embedding(PyObject *self, PyObject *args);
 PyObject *vllm_reshape_and_cache(PyObject *self, PyObject *args);
 PyObject *vllm_argmax_logsumexp(PyObject *self, PyObject *args);
 PyObject *vllm_lowp_linear(PyObject *self, PyObject *args);
+PyObject *vllm_w8_linear(PyObject *self, PyObject *args);
 
 #endif

@@ -15,6 +15,8 @@ static PyMethodDef methods[] = {
      "Argmax and logsumexp of float32 logits rows in one pass (sampler.c)."},
     {"lowp_linear", vllm_lowp_linear, METH_VARARGS,
      "Linear layer with 16-bit weights computed in float32 (gemm.c)."},
+    {"w8_linear", vllm_w8_linear, METH_VARARGS,
+     "Linear layer with int8 or float8 E4M3 weights and float32 scales (gemm_w8.c)."},
     {NULL, NULL, 0, NULL},
 };
 

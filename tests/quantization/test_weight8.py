@@ -3,10 +3,15 @@ and what the tiled matmul computes from it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from vllm import _custom_ops as ops
 from vllm.model_executor.layers.quantization.weight8 import (
     Weight8Format,
     codes_to_float,
@@ -99,3 +104,28 @@ def test_groups_are_equal_and_never_longer_than_group_size() -> None:
     assert num_groups(fmt, 513) == 3  # groups of 171
     with pytest.raises(ValueError, match="521 input columns .* only as groups of 1;"):
         num_groups(fmt, 521)  # a prime
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_KERNELS, reason="vllm._C is not built")
+@pytest.mark.parametrize("avx2", ["1", "0"])
+def test_kernel_paths_match_the_reference(avx2: str) -> None:
+    """The C kernel's AVX2 and portable paths (the latter forced by VLLM_CPU_W8_AVX2=0,
+    read once per process, hence the subprocess), odd sizes and a K tail included."""
+    code = """
+import torch, torch.nn.functional as F
+from vllm import _custom_ops as ops
+from vllm.model_executor.layers.quantization.weight8 import Weight8Format, quantize, dequantize
+torch.manual_seed(0)
+for dtype, group, k in [(torch.float8_e4m3fn, None, 37), (torch.int8, None, 64),
+                        (torch.float8_e4m3fn, 20, 100)]:
+    codes, scale = quantize(torch.randn(19, k), Weight8Format(dtype, group))
+    for rows in (1, 3, 6):
+        x = torch.randn(rows, k)
+        ref = F.linear(x, dequantize(codes, scale, torch.float32))
+        out = ops.w8_linear(x, codes, scale)
+        assert (out - ref).abs().max() < 1e-4 * ref.abs().max(), (dtype, group, rows)
+print("ok")
+"""
+    env = {**os.environ, "VLLM_CPU_W8_AVX2": avx2}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm import _custom_ops as ops
 from vllm.distributed import tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.quantization.base_config import LinearMethodBase
 from vllm.model_executor.layers.shard_spec import Segment, ShardSpec
@@ -31,6 +32,10 @@ from vllm.model_executor.utils import set_weight_attrs
 
 # Elements of a weight dequantized at once: a few hundred KiB of float32, cache-resident.
 _TILE_ELEMENTS = 1 << 16
+# Up to this many input rows the kernel's single pass over the weight wins; beyond, the
+# GEMM on dequantized tiles does (the kernel recomputes each weight's widening per
+# group of 4 rows).
+_KERNEL_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,14 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> 
 def weight8_linear(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """``F.linear(x, dequantize(codes, scale), bias)``, one tile of weight rows at a time."""
+    """``F.linear(x, dequantize(codes, scale), bias)``: for few rows on the CPU, the C
+    kernel that reads the 8-bit weight once and widens it in registers; otherwise one tile
+    of weight rows dequantized at a time, each multiplied by torch's GEMM."""
     n, k = codes.shape
+    rows = x.numel() // k
+    if rows <= _KERNEL_MAX_ROWS and ops.use_cpu_kernels(x) and codes.is_cpu:
+        out = ops.w8_linear(x.reshape(rows, k), codes, scale, bias)
+        return out.view(*x.shape[:-1], n)
     rows = max(1, _TILE_ELEMENTS // k)
     if n <= rows:
         return F.linear(x, dequantize(codes, scale, x.dtype), bias)
