@@ -173,3 +173,20 @@ def test_groups_that_would_cross_ranks_are_refused_when_resharding(model_dir, tm
     shutdown(llm)
     with pytest.raises(ValueError, match="weight_scale was saved split as .* scale groups"):
         make_llm(out, dtype="bfloat16", load_format="sharded_state")
+
+
+def test_vllm_reshard_writes_what_a_quantized_save_at_the_new_size_writes(
+    model_dir, tmp_path
+) -> None:
+    from tests.sharded_state.test_reshard_cli import assert_same_files, reshard
+
+    model = model_dir("llama")
+    saves = {}
+    for tp in (2, 1):
+        llm = make_llm(model, tp, dtype="bfloat16", quantization="fp8")
+        saves[tp] = str(tmp_path / f"tp{tp}")
+        _save(llm, model, saves[tp])
+        shutdown(llm)
+    out = str(tmp_path / "resharded")
+    reshard(saves[2], out, 1, "--verify")
+    assert_same_files(out, saves[1])

@@ -52,7 +52,13 @@ def verify_checkpoint(path: str, expected: dict[int, dict[str, Spec]] | None = N
         raise ShardFileError(f"{path} has no {MANIFEST_NAME}: nothing to verify against.")
     tp_size = manifest.tensor_parallel_size or 1
     if expected is None:
-        model_config = ModelConfig(model=path, dtype=getattr(torch, manifest.dtype))
+        model_config = ModelConfig(
+            model=path,
+            dtype=getattr(torch, manifest.dtype),
+            quantization=manifest.quantization,
+            quantization_params=manifest.quantization_config,
+            quantized_checkpoint=manifest.quantization is not None,
+        )
         expected = {}
         for rank in range(tp_size):
             with tensor_parallel_state(rank, tp_size):
