@@ -59,6 +59,8 @@ import sys
 import tempfile
 import time
 
+from cpu_info import cpu_name
+
 VOCAB = 32000
 LARGE = dict(hidden=2048, heads=16, kv_heads=4)  # head_dim 128: few large tensors
 STARTUP_SHAPE = dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=24,
@@ -135,26 +137,6 @@ def build_checkpoint(path: str, shape: dict) -> None:
         weight_map.update(dict.fromkeys(tensors, fname))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
-
-
-CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # what sets bfloat16 copy/compute speed
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has ``CPU_FLAGS``, from /proc/cpuinfo."""
-    name, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown CPU":
-                    name = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
-    return f"{name} ({have})"
 
 
 def weight_files(path: str) -> list[str]:

@@ -22,13 +22,13 @@ import argparse
 import gc
 import importlib.util
 import os
-import platform
 import random
 import statistics
 import tempfile
 import time
 
 import torch
+from cpu_info import cpu_name
 
 METHODS = ("fp8", "int8", "deepspeedfp")
 # A few sentences of ordinary English for the real model's teacher forcing.
@@ -42,25 +42,6 @@ TEXT = (
     "Yet the basic ideas, storing a program in memory and executing it one instruction at a "
     "time, would be familiar to the pioneers who first wrote them down."
 )
-
-
-def cpu_description() -> str:
-    name, flags = platform.processor() or "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name == (platform.processor() or name):
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    has = {flag: ("yes" if flag in flags else "no") for flag in ("avx512_bf16", "amx_bf16")}
-    return (
-        f"{name}, {os.cpu_count()} CPUs, avx512_bf16 {has['avx512_bf16']}, "
-        f"amx_bf16 {has['amx_bf16']}"
-    )
 
 
 def smollm2_path() -> str:
@@ -181,7 +162,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark_load import cpu_name  # noqa: E402
+from cpu_info import cpu_name  # noqa: E402
 
 from vllm.entrypoints.reshard import reshard  # noqa: E402
 from vllm.testing import LLAMA_100M, make_model  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
         src = os.path.join(work, "tp2")
         reshard(hf, src, 2)
         nbytes = checkpoint_bytes(src)
-        print(f"{cpu_name()}, {os.cpu_count()} cores")
+        print(cpu_name())
         print(f"checkpoint: {nbytes / 1e9:.2f} GB at TP=2, float32, {args.repeats} rounds")
         times: dict[str, list[float]] = {"raw copy": []}
         times.update({f"reshard 2 -> {n}": [] for n in args.to})

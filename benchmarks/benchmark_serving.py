@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import httpx
+from cpu_info import cpu_name
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
     from vllm.engine.llm_engine import LLMEngine
 
 NAN = float("nan")
-FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # CPU features that set bfloat16 speed
 
 
 @dataclass
@@ -84,21 +84,9 @@ class Summary:
 
 
 def machine_info() -> str:
-    name, flags = "unknown CPU", set()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
     import torch
 
-    have = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in FLAGS)
-    return (
-        f"machine: {name}, {os.cpu_count()} cores ({have}); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
-    )
+    return f"machine: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def make_prompts(n: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from cpu_info import cpu_name
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_throughput.py")
@@ -46,25 +47,6 @@ Generate = Callable[[list[list[int]], int], tuple[float, list[list[int]]]]
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def cpu_summary() -> str:
-    """CPU model and whether the 16-bit matrix instructions exist, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    marks = ", ".join(
-        f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx512_bf16", "amx_bf16")
-    )
-    return f"{model}, {os.cpu_count()} CPUs, {marks}"
 
 
 def load_average() -> str:
@@ -421,7 +403,7 @@ def run_matrix(args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    machine = cpu_summary()
+    machine = cpu_name()
     cells = [
         Cell(dtype, batch, length)
         for dtype in args.dtypes
