@@ -168,7 +168,6 @@ class Weight8LinearMethod(LinearMethodBase):
             torch.empty(out_features, in_features, dtype=dtype), requires_grad=False
         )
         set_weight_attrs(layer.weight, {"shard_spec": spec, **weight_attrs})
-        layer.weight_scale_spec = scale_spec(spec, self.fmt, groups, layer.tp_size)
         if self.checkpoint_is_quantized:
             self._register_scale(layer, torch.empty(out_features, groups, dtype=torch.float32))
 
@@ -192,7 +191,8 @@ class Weight8LinearMethod(LinearMethodBase):
     ) -> torch.Tensor:
         return weight8_linear(x, layer.weight, layer.weight_scale, bias)
 
-    @staticmethod
-    def _register_scale(layer: nn.Module, scale: torch.Tensor) -> None:
+    def _register_scale(self, layer: nn.Module, scale: torch.Tensor) -> None:
+        """``layer.weight_scale`` [N, groups], sharded as its weight dictates."""
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
-        set_weight_attrs(layer.weight_scale, {"shard_spec": layer.weight_scale_spec})
+        spec = scale_spec(layer.weight.shard_spec, self.fmt, scale.shape[1], layer.tp_size)
+        set_weight_attrs(layer.weight_scale, {"shard_spec": spec})

@@ -245,7 +245,7 @@ class Manifest:
                 f"{FORMAT_VERSION}. Upgrade vllm, or save the checkpoint again with this build."
             )
         engine = engine_config_info(vllm_config)
-        saved = {key: getattr(self, key) for key in engine if key != "quantization_config"}
+        saved = {key: getattr(self, key) for key in engine}
         no_reshard = "Resharding is not supported yet"
         if saved["architecture"] != engine["architecture"]:
             raise ValueError(
